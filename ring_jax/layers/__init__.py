@@ -1,0 +1,1 @@
+"""Flax NNX building blocks of the Ring-linear hybrid stack."""

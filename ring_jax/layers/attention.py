@@ -1,0 +1,92 @@
+"""GQA softmax-attention layer (every G-th layer, spec §3) with an optional fixed-size KV cache."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.attention import causal_attention
+from ring_jax.config import ModelConfig
+from ring_jax.layers.linear import Linear
+from ring_jax.layers.norms import RMSNorm
+from ring_jax.layers.rope import apply_rope
+from ring_jax.sharding import constrain
+
+
+class AttentionInputs(NamedTuple):
+    """Per-forward values every attention layer needs.
+
+    cos, sin: [batch, seq, rotary_dim] fp32; segment_ids: [batch, seq] int or None (packed documents);
+    cache_length: int32 scalar, tokens already in the caches (0 without a cache).
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    segment_ids: jax.Array | None
+    cache_length: jax.Array | int
+
+
+class KVCache(NamedTuple):
+    """keys, values [batch, max_len, kv_heads, head_dim]; filled up to the model cache's `length`."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+class QKNormRope(nnx.Module):
+    """Per-head RMSNorm on q and k (weights [head_dim] shared by heads), then partial RoPE (spec §2.3–2.4)."""
+
+    def __init__(self, config: ModelConfig):
+        eps, param_dtype = config.rms_norm_eps, config.weight_dtype
+        self.q_norm = RMSNorm(config.head_dim, eps=eps, param_dtype=param_dtype, names=("head_dim",))
+        self.k_norm = RMSNorm(config.head_dim, eps=eps, param_dtype=param_dtype, names=("head_dim",))
+        self.use_qk_norm = config.use_qk_norm
+
+    def __call__(self, q: jax.Array, k: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, jax.Array]:
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+
+
+class SoftmaxAttention(nnx.Module):
+    """Causal GQA: fused qkv [Q heads | K heads | V heads], QK-norm, partial RoPE, softmax(qkᵀ/√D)v, dense."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        self.qkv = Linear(config.hidden_size, (heads + 2 * kv_heads) * head_dim, names=("embed", "qkv"), **kwargs)
+        self.qk = QKNormRope(config)
+        self.out = Linear(heads * head_dim, config.hidden_size, names=("heads", "embed"), **kwargs)
+
+    def __call__(
+        self, x: jax.Array, inputs: AttentionInputs, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x [batch, seq, hidden] -> ([batch, seq, hidden], updated cache)."""
+        config = self.config
+        batch, seq, _ = x.shape
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        qkv = self.qkv(x)
+        q = qkv[..., : heads * head_dim].reshape(batch, seq, heads, head_dim)
+        k, v = jnp.split(qkv[..., heads * head_dim :].reshape(batch, seq, 2 * kv_heads, head_dim), 2, axis=2)
+        q, k = self.qk(q, k, inputs)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        if cache is not None:
+            start = (0, inputs.cache_length, 0, 0)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start),
+                jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start),
+            )
+            k, v = cache.keys.astype(q.dtype), cache.values.astype(q.dtype)
+        out = causal_attention(
+            q,
+            k,
+            v,
+            segment_ids=inputs.segment_ids,
+            query_offset=inputs.cache_length if cache is not None else None,
+            implementation=config.attention_implementation,
+        )
+        return self.out(out.reshape(batch, seq, heads * head_dim)), cache

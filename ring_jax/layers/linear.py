@@ -1,0 +1,56 @@
+"""Projection and embedding modules with logical sharding names on their weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ring_jax.sharding import LogicalNames, annotated
+
+DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    names: LogicalNames,
+    dtype: jnp.dtype,
+    init: nnx.Initializer = DEFAULT_INIT,
+) -> nnx.Param:
+    """A trainable weight carrying its logical axis names (mapped to mesh axes by `ring_jax.sharding`)."""
+    return annotated(nnx.Param, init(rngs.params(), shape, dtype), names)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel, no bias. kernel [in_features, out_features] (HF stores the transpose)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        names: LogicalNames,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = param(rngs, (in_features, out_features), names, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
+        """x [..., in] -> [..., out]; `out_dtype` asks for a wider result (fp32 logits) without upcasting inputs."""
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype).astype(out_dtype or self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, hidden]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (vocab_size, hidden_size), ("vocab", "embed"), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [batch, seq] int -> [batch, seq, hidden]."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)

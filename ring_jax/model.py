@@ -1,0 +1,377 @@
+"""The Ring-linear hybrid model: decoder layers, the scanned layer cycle, the optional MTP head, the hybrid cache.
+
+Layer plan (spec §1.3): a cycle is `layer_group_size` consecutive MoE layers, G−1 lightning + 1 softmax. Layers
+before the first full MoE cycle (the dense prefix and the rest of its cycle) and any softmax tail after the last full
+cycle are unrolled (`pre_layers`, `post_layers`); the full cycles share one module whose weights are stacked on a
+leading [num_cycles] axis (`cycles`) and run under `jax.lax.scan` (or a Python loop with `scan_layers=False`: same
+weights, same results, easier to debug).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ring_jax.config import ModelConfig
+from ring_jax.layers.attention import AttentionInputs, KVCache, SoftmaxAttention
+from ring_jax.layers.lightning import LightningAttention
+from ring_jax.layers.linear import Embed, Linear
+from ring_jax.layers.mlp import SwiGLU
+from ring_jax.layers.moe import ExpertLoad, MoE, RouterStats
+from ring_jax.layers.norms import RMSNorm
+from ring_jax.layers.rope import rope_tables
+from ring_jax.sharding import constrain
+
+LayerCache = jax.Array | KVCache | None  # lightning state [batch, heads, head_dim, head_dim] fp32, or a KV cache
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LayerPlan(NamedTuple):
+    """Which HF layer indices are unrolled before the cycles, scanned, and unrolled after."""
+
+    pre: tuple[int, ...]
+    first_cycle_layer: int
+    num_cycles: int
+    post: tuple[int, ...]
+
+
+def layer_plan(config: ModelConfig) -> LayerPlan:
+    group, num_layers = config.layer_group_size, config.num_hidden_layers
+    first = -(-config.first_k_dense_replace // group) * group  # first cycle boundary holding only MoE layers
+    num_cycles = max((num_layers // group) * group - first, 0) // group
+    end = first + num_cycles * group
+    if num_cycles == 0:
+        return LayerPlan(tuple(range(num_layers)), num_layers, 0, ())
+    return LayerPlan(tuple(range(first)), first, num_cycles, tuple(range(end, num_layers)))
+
+
+def layer_locations(config: ModelConfig) -> list[tuple[str, int] | tuple[str, int, int]]:
+    """Per HF layer index: ("pre", i) | ("cycle", cycle, position_in_cycle) | ("post", i)."""
+    plan = layer_plan(config)
+    group = config.layer_group_size
+    locations: list[tuple[str, int] | tuple[str, int, int]] = [("pre", i) for i in range(len(plan.pre))]
+    locations += [("cycle", c, j) for c in range(plan.num_cycles) for j in range(group)]
+    locations += [("post", i) for i in range(len(plan.post))]
+    return locations
+
+
+class DecoderLayer(nnx.Module):
+    """h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h)); attention and MLP kinds fixed at construction."""
+
+    def __init__(self, config: ModelConfig, *, softmax: bool, moe: bool, rngs: nnx.Rngs):
+        eps, param_dtype = config.rms_norm_eps, config.weight_dtype
+        self.softmax = softmax
+        self.input_norm = RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
+        self.attention = (SoftmaxAttention if softmax else LightningAttention)(config, rngs=rngs)
+        self.post_attention_norm = RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
+        self.mlp = (
+            MoE(config, rngs=rngs)
+            if moe
+            else SwiGLU(
+                config.hidden_size,
+                config.intermediate_size,
+                dtype=config.compute_dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
+
+    def __call__(
+        self, x: jax.Array, inputs: AttentionInputs, layer_index: jax.Array | int, cache: LayerCache = None
+    ) -> tuple[jax.Array, LayerCache, RouterStats | None]:
+        """x [batch, seq, hidden] -> (x, updated cache, router stats of an MoE layer or None)."""
+        normed = self.input_norm(x)
+        if self.softmax:
+            attended, cache = self.attention(normed, inputs, cache)
+        else:
+            attended, cache = self.attention(normed, inputs, layer_index, cache)
+        x = x + attended
+        mlp_out = self.mlp(self.post_attention_norm(x))
+        stats = None
+        if isinstance(mlp_out, tuple):
+            mlp_out, stats = mlp_out
+        x = constrain(x + mlp_out, ("activation_batch", "activation_length", "activation_embed"))
+        return x, cache, stats
+
+
+class LayerCycle(nnx.Module):
+    """G−1 lightning MoE layers followed by one softmax MoE layer."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        group = config.layer_group_size
+        self.layers = nnx.List(
+            [DecoderLayer(config, softmax=j == group - 1, moe=True, rngs=rngs) for j in range(group)]
+        )
+
+    def __call__(
+        self, x: jax.Array, inputs: AttentionInputs, layer_indices: jax.Array, caches: tuple[LayerCache, ...]
+    ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[RouterStats, ...]]:
+        """layer_indices [group] int32 (HF indices of this cycle's layers; they set the lightning decay)."""
+        new_caches, stats = [], []
+        for j, layer in enumerate(self.layers):
+            x, cache, layer_stats = layer(x, inputs, layer_indices[j], caches[j])
+            new_caches.append(cache)
+            stats.append(layer_stats)
+        return x, tuple(new_caches), tuple(stats)
+
+
+class MTPLayer(nnx.Module):
+    """Multi-token prediction block (spec §4.4): z = W[enorm(embed(next ids)) ‖ hnorm(h)], a softmax MoE layer,
+    a final norm; logits come from the shared lm_head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        eps, param_dtype, hidden = config.rms_norm_eps, config.weight_dtype, config.hidden_size
+        self.embed_norm = RMSNorm(hidden, eps=eps, param_dtype=param_dtype)
+        self.hidden_norm = RMSNorm(hidden, eps=eps, param_dtype=param_dtype)
+        self.projection = Linear(
+            2 * hidden,
+            hidden,
+            names=(None, "embed"),
+            dtype=config.compute_dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.layer = DecoderLayer(config, softmax=True, moe=config.num_experts > 0, rngs=rngs)
+        self.final_norm = RMSNorm(hidden, eps=eps, param_dtype=param_dtype)
+
+    def __call__(
+        self, hidden: jax.Array, next_embeddings: jax.Array, inputs: AttentionInputs
+    ) -> tuple[jax.Array, jax.Array]:
+        """hidden, next_embeddings [batch, seq, hidden] -> (block output, normed output for the lm_head)."""
+        joined = jnp.concatenate([self.embed_norm(next_embeddings), self.hidden_norm(hidden)], axis=-1)
+        out, _, _ = self.layer(self.projection(joined), inputs, 0)
+        return out, self.final_norm(out)
+
+
+class ModelCache(NamedTuple):
+    """The hybrid cache: per-layer caches of the pre layers, the stacked cycles ([num_cycles, ...] leaves, one
+    entry per position in the cycle) and the post layers, plus the number of tokens already cached."""
+
+    pre: tuple[LayerCache, ...]
+    cycles: tuple[LayerCache, ...]
+    post: tuple[LayerCache, ...]
+    length: jax.Array
+
+
+class ModelOutput(NamedTuple):
+    """logits [batch, seq, vocab] fp32; hidden_states [batch, seq, hidden] (after the final norm); cache (or None);
+    expert_load [num_moe_layers, num_experts] fp32 in HF layer order; router_z_loss scalar fp32 (mean over MoE
+    layers); mtp_logits: one [batch, seq, vocab] fp32 per MTP depth d (position t predicts token t + d + 1)."""
+
+    logits: jax.Array
+    hidden_states: jax.Array
+    cache: ModelCache | None
+    expert_load: jax.Array
+    router_z_loss: jax.Array
+    mtp_logits: tuple[jax.Array, ...]
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """[batch, seq] positions that restart at 0 where the segment id changes."""
+    seq = segment_ids.shape[1]
+    index = jnp.arange(seq)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+class RingLinearModel(nnx.Module):
+    """Ring-linear causal LM. `model(tokens)` -> logits; `model.forward(...)` -> ModelOutput."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat_policy: str = "none"):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {remat_policy!r}")
+        self.config = config
+        self.remat_policy = remat_policy
+        self.plan = layer_plan(config)
+        dtype, param_dtype = config.compute_dtype, config.weight_dtype
+        self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        def make_layer(index: int) -> DecoderLayer:
+            return DecoderLayer(
+                config, softmax=config.is_softmax_layer(index), moe=config.is_moe_layer(index), rngs=rngs
+            )
+
+        self.pre_layers = nnx.List([make_layer(i) for i in self.plan.pre])
+
+        @nnx.split_rngs(splits=max(self.plan.num_cycles, 1))
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_cycles(cycle_rngs: nnx.Rngs) -> LayerCycle:
+            return LayerCycle(config, rngs=cycle_rngs)
+
+        self.cycles = nnx.data(make_cycles(rngs) if self.plan.num_cycles else None)
+        self.post_layers = nnx.List([make_layer(i) for i in self.plan.post])
+        self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = Linear(
+            config.hidden_size,
+            config.vocab_size,
+            names=("embed", "vocab"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.mtp_layers = nnx.List([MTPLayer(config, rngs=rngs) for _ in range(config.num_nextn_predict_layers)])
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [batch, seq] int -> logits [batch, seq, vocab] fp32."""
+        return self.forward(tokens).logits
+
+    # ----------------------------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_length: int, kv_dtype: jnp.dtype | None = None) -> ModelCache:
+        """An empty hybrid cache: fp32 lightning states, KV caches of `max_length` tokens (compute dtype)."""
+        config = self.config
+        kv_dtype = kv_dtype or config.compute_dtype
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+        def layer_cache(index: int, leading: tuple[int, ...] = ()) -> LayerCache:
+            if config.is_softmax_layer(index):
+                shape = (*leading, batch, max_length, kv_heads, head_dim)
+                return KVCache(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype))
+            return jnp.zeros((*leading, batch, heads, head_dim, head_dim), jnp.float32)
+
+        plan = self.plan
+        cycles = tuple(
+            layer_cache(plan.first_cycle_layer + j, (plan.num_cycles,))
+            for j in range(config.layer_group_size if plan.num_cycles else 0)
+        )
+        return ModelCache(
+            pre=tuple(layer_cache(i) for i in plan.pre),
+            cycles=cycles,
+            post=tuple(layer_cache(i) for i in plan.post),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    def forward(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: ModelCache | None = None,
+    ) -> ModelOutput:
+        """tokens [batch, seq] int; positions [batch, seq] (default: restart per segment, or continue the cache);
+        segment_ids [batch, seq] for packed documents (attention and lightning state never cross a boundary)."""
+        config = self.config
+        batch, seq = tokens.shape
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packed training sequences) cannot be combined with a cache")
+        cache_length = cache.length if cache is not None else 0
+        if positions is None:
+            positions = (
+                positions_from_segments(segment_ids)
+                if segment_ids is not None
+                else jnp.broadcast_to(jnp.arange(seq) + cache_length, (batch, seq))
+            )
+        cos, sin = rope_tables(positions, config)
+        inputs = AttentionInputs(cos, sin, segment_ids, cache_length)
+        x = self.embed(tokens)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        stats: list[RouterStats] = []
+        x, pre_caches = self._run_unrolled(
+            self.pre_layers, self.plan.pre, x, inputs, None if cache is None else cache.pre, stats
+        )
+        cycle_caches: tuple[LayerCache, ...] = ()
+        if self.cycles is not None:
+            x, cycle_caches = self._run_cycles(x, inputs, None if cache is None else cache.cycles, stats)
+        x, post_caches = self._run_unrolled(
+            self.post_layers, self.plan.post, x, inputs, None if cache is None else cache.post, stats
+        )
+
+        hidden = self.final_norm(x)
+        logits = self.lm_head(hidden, out_dtype=jnp.float32)
+        mtp_logits = self._mtp_logits(x, tokens, inputs) if cache is None else ()
+        new_cache = None
+        if cache is not None:
+            new_cache = ModelCache(pre_caches, cycle_caches, post_caches, cache.length + seq)
+        return ModelOutput(
+            logits=logits,
+            hidden_states=hidden,
+            cache=new_cache,
+            expert_load=jnp.stack([s.expert_load for s in stats]) if stats else jnp.zeros((0, config.num_experts)),
+            router_z_loss=jnp.mean(jnp.stack([s.z_loss for s in stats])) if stats else jnp.zeros(()),
+            mtp_logits=mtp_logits,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _remat(self, fn: Any) -> Any:
+        policy = REMAT_POLICIES[self.remat_policy]
+        return fn if self.remat_policy == "none" else jax.checkpoint(fn, policy=policy)
+
+    def _run_unrolled(
+        self,
+        layers: nnx.List,
+        indices: tuple[int, ...],
+        x: jax.Array,
+        inputs: AttentionInputs,
+        caches: tuple[LayerCache, ...] | None,
+        stats: list[RouterStats],
+    ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        new_caches = []
+        for position, (layer, index) in enumerate(zip(layers, indices, strict=True)):
+            cache = caches[position] if caches is not None else None
+            graphdef, state = nnx.split(layer)
+
+            def run(state: Any, x: jax.Array, cache: LayerCache, graphdef: Any = graphdef, index: int = index):
+                layer = nnx.merge(graphdef, state)
+                out = layer(x, inputs, index, cache)
+                return out, nnx.state(layer, ExpertLoad)
+
+            (x, cache, layer_stats), new_state = self._remat(run)(state, x, cache)
+            nnx.update(layer, new_state)
+            new_caches.append(cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return x, tuple(new_caches)
+
+    def _run_cycles(
+        self,
+        x: jax.Array,
+        inputs: AttentionInputs,
+        caches: tuple[LayerCache, ...] | None,
+        stats: list[RouterStats],
+    ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        plan, group = self.plan, self.config.layer_group_size
+        graphdef, state = nnx.split(self.cycles)
+        layer_indices = plan.first_cycle_layer + jnp.arange(plan.num_cycles * group).reshape(plan.num_cycles, group)
+        if caches is None:
+            caches = (None,) * group
+
+        def body(x: jax.Array, scanned: tuple[Any, jax.Array, tuple[LayerCache, ...]]):
+            cycle_state, indices, cycle_caches = scanned
+            cycle = nnx.merge(graphdef, cycle_state)
+            x, new_caches, cycle_stats = cycle(x, inputs, indices, cycle_caches)
+            return x, (new_caches, cycle_stats, nnx.state(cycle, ExpertLoad))
+
+        body = self._remat(body)
+        if self.config.scan_layers:
+            x, (new_caches, cycle_stats, new_state) = jax.lax.scan(body, x, (state, layer_indices, caches))
+        else:
+            outputs = []
+            for c in range(plan.num_cycles):
+                x, out = body(x, jax.tree.map(lambda leaf, c=c: leaf[c], (state, layer_indices, caches)))
+                outputs.append(out)
+            new_caches, cycle_stats, new_state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+        nnx.update(self.cycles, new_state)
+        # [num_cycles] stacked stats per position in the cycle -> HF layer order (cycle-major).
+        for c in range(plan.num_cycles):
+            stats.extend(RouterStats(*(leaf[c] for leaf in s)) for s in cycle_stats)
+        return x, new_caches
+
+    def _mtp_logits(self, hidden: jax.Array, tokens: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, ...]:
+        logits = []
+        for depth, mtp in enumerate(self.mtp_layers, start=1):
+            next_tokens = jnp.roll(tokens, -depth, axis=1)  # the last `depth` positions have no target
+            hidden, normed = mtp(hidden, self.embed(next_tokens), inputs)
+            logits.append(self.lm_head(normed, out_dtype=jnp.float32))
+        return tuple(logits)

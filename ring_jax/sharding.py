@@ -1,0 +1,106 @@
+"""Logical axis names and the one table that maps them to mesh axes.
+
+Every parameter carries logical axis names (flax `out_sharding` metadata) and activations are constrained with
+`constrain(x, names)`. A mesh built from the config (`data`, `fsdp`, `expert`, `tensor`) gives them meaning through
+`DEFAULT_LOGICAL_AXIS_RULES`; with no mesh in context the constraints are no-ops, so the same code runs on one CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+LogicalNames = tuple[str | None, ...]
+
+# logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
+DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("qkv", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_tokens", ("data", "fsdp")),
+)
+
+
+def logical_to_mesh_spec(
+    names: Sequence[str | None], rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_LOGICAL_AXIS_RULES
+) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once (later uses replicate)."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(axis for axis in axes if axis not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def annotated(kind: type[nnx.Variable], value: jax.Array, names: LogicalNames) -> nnx.Variable:
+    """A variable of `kind` holding `value`, annotated with logical axis names.
+
+    Placement is explicit (`state_shardings` + jit `out_shardings`), never eager at construction, so the same
+    modules build on one CPU, under `nnx.eval_shape`, and sharded over any mesh.
+    """
+    return kind(value, out_sharding=names, eager_sharding=False)
+
+
+def state_shardings(
+    state: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_LOGICAL_AXIS_RULES,
+) -> Any:
+    """NamedShardings for every variable of an `nnx.State` (same tree), from its logical names and `rules`.
+
+    Mesh axes of size 1 or absent from the mesh are dropped, so one rules table serves every mesh shape.
+    """
+
+    def sharding(variable: nnx.Variable) -> NamedSharding:
+        names = variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
+        spec = logical_to_mesh_spec(names, rules)
+        return NamedSharding(mesh, PartitionSpec(*(_keep_axes_in(mesh.axis_names, axis) for axis in spec)))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
+
+
+def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
+    """`with_sharding_constraint` by logical names when a mesh is set (`jax.set_mesh`); identity otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_mesh_spec(names)
+    spec = PartitionSpec(*(_keep_axes_in(mesh.axis_names, axis) for axis in spec))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _keep_axes_in(mesh_axes: Sequence[str], axis: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+    if axis is None:
+        return None
+    kept = tuple(a for a in ((axis,) if isinstance(axis, str) else axis) if a in mesh_axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
