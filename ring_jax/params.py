@@ -32,7 +32,7 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     state = nnx.state(abstract_model(config), nnx.Any(nnx.Param, ExpertBias))
     total = activated = embedding = 0
     for path, leaf in nnx.to_flat_state(state):
-        size = math.prod(leaf.value.shape)
+        size = math.prod(leaf.get_value().shape)
         names = tuple(str(part) for part in path)
         total += size
         if "experts" in names:  # routed experts [E, ...]: a token uses top_k of them

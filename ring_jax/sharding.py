@@ -8,7 +8,6 @@ Every parameter carries logical axis names (flax `out_sharding` metadata) and ac
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from typing import Any
 
 import jax

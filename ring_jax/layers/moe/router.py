@@ -64,5 +64,5 @@ class Router(nnx.Module):
         logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
         bias = self.expert_bias[...] if self.config.moe_router_enable_expert_bias else jnp.zeros_like(logits[0])
         weights, experts = select_experts(jax.nn.sigmoid(logits), jax.lax.stop_gradient(bias), self.config)
-        self.expert_load.value = jnp.zeros_like(logits[0]).at[experts.reshape(-1)].add(1.0)
+        self.expert_load.set_value(jnp.zeros_like(logits[0]).at[experts.reshape(-1)].add(1.0))
         return RouterOutput(weights, experts, logits)

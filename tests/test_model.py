@@ -1,0 +1,197 @@
+"""Whole-model behaviour: NumPy parity, scan vs unrolled, jit vs eager, gradients, caches, configs, counts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import jit_forward, numpy_weights, randomize_expert_biases, relative_error, tiny_config
+from flax import nnx
+from reference import numpy_ref
+
+from ring_jax.config import ConfigError, ModelConfig, model_defaults
+from ring_jax.model import RingLinearModel, layer_locations, layer_plan
+
+
+def _model(config, seed=0):
+    model = RingLinearModel(config, rngs=nnx.Rngs(seed))
+    randomize_expert_biases(model, seed)
+    return model
+
+
+def _tokens(config, batch=2, seq=10, seed=None):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(0, config.vocab_size, size=(batch, seq)), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return _model(tiny_config(), seed=3)
+
+
+def test_layer_plan_covers_pre_cycles_and_tail():
+    config = tiny_config()
+    plan = layer_plan(config)
+    assert plan.pre == (0, 1, 2) and plan.first_cycle_layer == 3 and plan.num_cycles == 2 and plan.post == (9,)
+    assert [i for i in range(10) if config.is_softmax_layer(i)] == [2, 5, 8, 9]
+    assert layer_locations(config)[4] == ("cycle", 0, 1) and layer_locations(config)[9] == ("post", 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "softmax"),
+    [({}, [4, 9, 14, 19]), (dict(num_hidden_layers=32, layer_group_size=8), [7, 15, 23, 31])],
+)
+def test_released_layer_schedules(overrides, softmax):
+    section = model_defaults()
+    section.update(overrides)
+    config = ModelConfig.from_config(section)
+    assert [i for i in range(config.num_hidden_layers) if config.is_softmax_layer(i)] == softmax
+    assert layer_plan(config).num_cycles == 3
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_logits_match_numpy_float64_model(tiny_model, packed):
+    config = tiny_model.config
+    tokens = _tokens(config, batch=2, seq=9)
+    segment_ids = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1, 1]]) if packed else None
+    packing = {} if segment_ids is None else {"segment_ids": jnp.asarray(segment_ids)}
+    actual = jit_forward(tiny_model)(tokens, **packing).logits
+    expected = numpy_ref.model_logits(np.asarray(tokens), numpy_weights(tiny_model), config.to_dict(), segment_ids)
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_scan_and_unrolled_layers_agree(tiny_model):
+    tokens = _tokens(tiny_model.config, seq=13)
+    unrolled = _model(tiny_model.config.replace(scan_layers=False), seed=3)
+    scanned_out, unrolled_out = jit_forward(tiny_model)(tokens), jit_forward(unrolled)(tokens)
+    # Same weights, same math: only XLA's fusion order may differ (fp32 rounding).
+    np.testing.assert_allclose(scanned_out.logits, unrolled_out.logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(scanned_out.expert_load, unrolled_out.expert_load)
+
+
+def test_jit_and_eager_agree(tiny_model):
+    tokens = _tokens(tiny_model.config, seq=11)
+    graphdef, state = nnx.split(tiny_model)
+
+    @jax.jit
+    def logits(state, tokens):
+        return nnx.merge(graphdef, state)(tokens)
+
+    np.testing.assert_allclose(logits(state, tokens), tiny_model(tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_are_finite_and_reach_every_param(tiny_model):
+    tokens = _tokens(tiny_model.config, seq=12)
+    graphdef, params, rest = nnx.split(tiny_model, nnx.Param, ...)
+
+    def loss(params, rest):  # copy=True: the forward records expert loads into fresh variables
+        out = nnx.merge(graphdef, params, rest, copy=True).forward(tokens[:, :-1])
+        logprobs = jax.nn.log_softmax(out.logits)
+        return -jnp.mean(jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)) + out.router_z_loss
+
+    grads = jax.jit(jax.grad(loss))(params, rest)
+    for path, grad in nnx.to_flat_state(grads):
+        value = np.asarray(grad.get_value())
+        assert np.isfinite(value).all(), path
+        assert np.abs(value).sum() > 0, f"no gradient reaches {path}"
+
+
+def test_router_outputs_count_every_token(tiny_model):
+    tokens = _tokens(tiny_model.config, batch=3, seq=7)
+    out = tiny_model.forward(tokens)
+    assert out.expert_load.shape == (tiny_model.config.num_moe_layers, 8)
+    np.testing.assert_array_equal(out.expert_load.sum(-1), 3 * 7 * 2)
+    from ring_jax.layers.moe import ExpertBias, ExpertLoad
+
+    def owners(kind):  # the router each variable belongs to
+        return [path[:-1] for path, _ in nnx.to_flat_state(nnx.state(tiny_model, kind))]
+
+    assert owners(ExpertLoad) == owners(ExpertBias)
+    assert sum(float(x.sum()) for x in jax.tree.leaves(nnx.state(tiny_model, ExpertLoad))) == 9 * 3 * 7 * 2
+
+
+def test_prefill_then_decode_matches_full_forward(tiny_model):
+    config = tiny_model.config
+    tokens = _tokens(config, batch=2, seq=12)
+    forward = jit_forward(tiny_model)
+    full = forward(tokens).logits
+    cache = tiny_model.init_cache(batch=2, max_length=16)
+    prefill = forward(tokens[:, :7], cache=cache)
+    logits = [prefill.logits]
+    cache = prefill.cache
+    for t in range(7, 12):
+        step = forward(tokens[:, t : t + 1], cache=cache)
+        logits.append(step.logits)
+        cache = step.cache
+    assert int(cache.length) == 12
+    assert relative_error(jnp.concatenate(logits, axis=1), full) < 1e-5
+
+
+def test_mtp_head_predicts_further_tokens():
+    config = tiny_config(num_nextn_predict_layers=2)
+    model = _model(config)
+    out = jit_forward(model)(_tokens(config, seq=8))
+    assert len(out.mtp_logits) == 2
+    for logits in out.mtp_logits:
+        assert logits.shape == out.logits.shape and np.isfinite(np.asarray(logits)).all()
+    assert relative_error(out.mtp_logits[0], out.logits) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        (dict(num_key_value_heads=3), "model.num_key_value_heads", "divisible"),
+        (dict(layer_group_size=11), "model.layer_group_size", "not compatible with num_hidden_layers"),
+        (dict(num_experts=10), "model.n_group", "divisible by n_group"),
+        (dict(num_experts_per_tok=5, topk_group=2), "model.num_experts_per_tok", "larger than the 4 experts"),
+        (dict(topk_group=5), "model.topk_group", "exceeds n_group"),
+        (dict(group_norm_size=3), "model.group_norm_size", "divisible by group_norm_size"),
+        (dict(partial_rotary_factor=0.3), "model.partial_rotary_factor", "even integer"),
+        (dict(score_function="softmax"), "model.score_function", "sigmoid"),
+        (dict(tie_word_embeddings=True), "model.tie_word_embeddings", "not supported"),
+        (dict(dtype="float8"), "model.dtype", "must be one of"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "model.rope_scaling", "not supported"),
+        (dict(hidden_size=0), "model.hidden_size", "positive integer"),
+        (dict(gmm_implementation="megablox"), "model.gmm_implementation", "must be one of"),
+    ],
+)
+def test_invalid_configs_name_the_field(overrides, field, message):
+    with pytest.raises(ConfigError, match=rf"^{field}: .*{message}"):
+        tiny_config(**overrides)
+
+
+def test_unknown_and_missing_fields_are_reported():
+    section = model_defaults()
+    section.unlock() if hasattr(section, "unlock") else None
+    values = section.to_dict()
+    with pytest.raises(ConfigError, match="model.hiden_size: unknown model field"):
+        ModelConfig.from_config({**values, "hiden_size": 3})
+    del values["head_dim"]
+    with pytest.raises(ConfigError, match="model.head_dim: required model field is missing"):
+        ModelConfig.from_config(values)
+
+
+@pytest.mark.parametrize(
+    ("config_file", "expected"),
+    [
+        ("configs/ring_mini_linear_2.py", (16.42e9, 1.60e9, 0.957e9)),
+        ("configs/ring_flash_linear_2.py", (104.18e9, 7.44e9, 6.16e9)),
+    ],
+)
+def test_parameter_counts_match_the_paper(config_file, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "ring_jax.params", f"--config={config_file}", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counts = json.loads(result.stdout)
+    assert set(counts) == {"total", "activated", "activated_non_embedding"}
+    assert all(isinstance(v, int) for v in counts.values())
+    for key, value in zip(("total", "activated", "activated_non_embedding"), expected, strict=True):
+        assert counts[key] == pytest.approx(value, rel=2e-3), key
