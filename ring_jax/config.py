@@ -15,7 +15,15 @@ import jax.numpy as jnp
 import ml_collections
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-LIGHTNING_IMPLEMENTATIONS = (None, "reference", "recurrent", "pallas_triton", "pallas_tpu")
+LIGHTNING_IMPLEMENTATIONS = (
+    None,
+    "reference",
+    "recurrent",
+    "pallas_triton",
+    "pallas_triton_interpret",
+    "pallas_mosaic_tpu",
+    "pallas_mosaic_tpu_interpret",
+)
 GMM_IMPLEMENTATIONS = ("ragged_dot", "reference", "tokamax")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 ROPE_SCALING_TYPES = ("linear", "yarn")
