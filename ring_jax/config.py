@@ -14,16 +14,10 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from pallas_kernels.lightning.api import FORWARD_IMPLEMENTATIONS
+
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-LIGHTNING_IMPLEMENTATIONS = (
-    None,
-    "reference",
-    "recurrent",
-    "pallas_triton",
-    "pallas_triton_interpret",
-    "pallas_mosaic_tpu",
-    "pallas_mosaic_tpu_interpret",
-)
+LIGHTNING_IMPLEMENTATIONS = (None, *FORWARD_IMPLEMENTATIONS)
 GMM_IMPLEMENTATIONS = ("ragged_dot", "reference", "tokamax")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 ROPE_SCALING_TYPES = ("linear", "yarn")

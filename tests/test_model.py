@@ -205,3 +205,15 @@ def test_bf16_compute_tracks_fp32(tiny_model):
     assert out.logits.dtype == jnp.float32 and out.hidden_states.dtype == jnp.bfloat16
     # 10 layers of bf16 residual stream; a few top-k routing decisions flip, hence more than bf16's 0.4 %.
     assert relative_error(out.logits, jit_forward(tiny_model)(tokens).logits) < 8e-2
+
+
+def test_model_with_pallas_kernels_in_interpret_mode(tiny_model):
+    """The GPU (Triton-lowered) lightning kernel inside the model, run by the Pallas interpreter on CPU."""
+    tokens = _tokens(tiny_model.config, seq=9)
+    kernel_model = _model(tiny_model.config.replace(lightning_implementation="pallas_triton_interpret"), seed=3)
+    forward = jit_forward(kernel_model)
+    assert relative_error(forward(tokens).logits, jit_forward(tiny_model)(tokens).logits) < 1e-5
+    cache = kernel_model.init_cache(batch=2, max_length=12)
+    prefill = forward(tokens[:, :8], cache=cache)
+    step = forward(tokens[:, 8:], cache=prefill.cache)  # the in-place decode kernel
+    assert relative_error(step.logits[:, 0], jit_forward(tiny_model)(tokens).logits[:, 8]) < 1e-5

@@ -28,6 +28,8 @@ _DECODE: dict[str, tuple[str, str, dict]] = {
     "pallas_triton_interpret": ("pallas_triton", "lightning_decode_triton", {"interpret": True}),
 }
 _PLATFORM_DEFAULT = {"gpu": "pallas_triton", "tpu": "pallas_mosaic_tpu"}
+FORWARD_IMPLEMENTATIONS = tuple(_FORWARD)
+DECODE_IMPLEMENTATIONS = tuple(_DECODE)
 
 
 def _pick(table: dict[str, tuple[str, str, dict]], implementation: str | None) -> Callable:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.lightning import lightning_attention
+from pallas_kernels.lightning import lightning_attention, lightning_attention_decode
+from pallas_kernels.lightning.api import DECODE_IMPLEMENTATIONS
 from ring_jax.config import ModelConfig
 from ring_jax.layers.attention import AttentionInputs, QKNormRope
 from ring_jax.layers.linear import Linear
@@ -72,15 +73,29 @@ class LightningAttention(nnx.Module):
         q, k = self.qk(q, k, inputs)
         names = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
         q, k, v = (constrain(t, names) for t in (q, k, v))
-        out, final_state = lightning_attention(
-            q,
-            k,
-            v,
-            layer_decay_rates(config, layer_index),
-            scale=head_dim**-0.5,
-            initial_state=state,
-            segment_ids=inputs.segment_ids,
-            implementation=config.lightning_implementation,
-        )
+        decay_rates = layer_decay_rates(config, layer_index)
+        if seq == 1 and state is not None:  # generation: one recurrent step on the fp32 state
+            implementation = config.lightning_implementation
+            out, final_state = lightning_attention_decode(
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                decay_rates,
+                state,
+                scale=head_dim**-0.5,
+                implementation=implementation if implementation in DECODE_IMPLEMENTATIONS else None,
+            )
+            out = out[:, None]
+        else:
+            out, final_state = lightning_attention(
+                q,
+                k,
+                v,
+                decay_rates,
+                scale=head_dim**-0.5,
+                initial_state=state,
+                segment_ids=inputs.segment_ids,
+                implementation=config.lightning_implementation,
+            )
         gated = self.out_norm(out.reshape(batch, seq, heads * head_dim)) * jax.nn.sigmoid(self.gate(x))
         return self.out(gated), (final_state if state is not None else None)
