@@ -375,3 +375,8 @@ class RingLinearModel(nnx.Module):
             hidden, normed = mtp(hidden, self.embed(next_tokens), inputs)
             logits.append(self.lm_head(normed, out_dtype=jnp.float32))
         return tuple(logits)
+
+
+def abstract_model(config: ModelConfig) -> RingLinearModel:
+    """The model with ShapeDtypeStruct leaves (shapes, dtypes, sharding names): no memory is allocated."""
+    return nnx.eval_shape(lambda: RingLinearModel(config, rngs=nnx.Rngs(0)))

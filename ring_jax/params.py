@@ -17,14 +17,9 @@ from ml_collections import config_flags
 
 from ring_jax.config import ModelConfig
 from ring_jax.layers.moe import ExpertBias
-from ring_jax.model import RingLinearModel
+from ring_jax.model import abstract_model
 
 EMBEDDING_PATHS = (("embed", "embedding"), ("lm_head", "kernel"))
-
-
-def abstract_model(config: ModelConfig) -> RingLinearModel:
-    """The model with ShapeDtypeStruct leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: RingLinearModel(config, rngs=nnx.Rngs(0)))
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
@@ -44,19 +39,22 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     return {"total": total, "activated": activated, "activated_non_embedding": activated - embedding}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ring_mini_linear_2.py", "Model config file.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object with integer counts.")
+def main() -> None:
+    # Flags are defined here, not at import, so that importing this module defines no absl flags.
+    config_flag = config_flags.DEFINE_config_file("config", "configs/ring_mini_linear_2.py", "Model config file.")
+    json_flag = flags.DEFINE_bool("json", False, "Print one JSON object with integer counts.")
 
+    def run(argv: list[str]) -> None:
+        del argv
+        counts = count_parameters(ModelConfig.from_config(config_flag.value.model))
+        if json_flag.value:
+            print(json.dumps(counts))
+            return
+        for name, value in counts.items():
+            print(f"{name:>24}: {value:>16,d}  ({value / 1e9:.3f} B)")
 
-def main(argv: list[str]) -> None:
-    del argv
-    counts = count_parameters(ModelConfig.from_config(_CONFIG.value.model))
-    if _JSON.value:
-        print(json.dumps(counts))
-        return
-    for name, value in counts.items():
-        print(f"{name:>24}: {value:>16,d}  ({value / 1e9:.3f} B)")
+    app.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -7,12 +7,13 @@ Every parameter carries logical axis names (flax `out_sharding` metadata) and ac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -70,22 +71,62 @@ def annotated(kind: type[nnx.Variable], value: jax.Array, names: LogicalNames) -
     return kind(value, out_sharding=names, eager_sharding=False)
 
 
+def make_mesh(sizes: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over MESH_AXES with Auto axis types (sharding propagates; shard_map islands where needed).
+
+    sizes: per-axis sizes in MESH_AXES order or by name (missing names are 1); one size may be -1 (the rest).
+    """
+    if isinstance(sizes, Mapping):
+        unknown = set(sizes) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+        sizes = [sizes.get(axis, 1) for axis in MESH_AXES]
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = list(sizes)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // -math.prod(sizes)
+    needed = math.prod(sizes)
+    if needed > len(devices) or needed <= 0:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {needed} devices, have {len(devices)}")
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices[:needed])
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Keeps only mesh axes present in `mesh` that divide their dimension (a vocab of 131 stays whole on tensor=2)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
+        size = math.prod(mesh.shape[name] for name in names)
+        fitted.append(None if not names or dim % size else names[0] if len(names) == 1 else names)
+    return PartitionSpec(*fitted)
+
+
+def variable_sharding(
+    variable: nnx.Variable,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_LOGICAL_AXIS_RULES,
+) -> NamedSharding:
+    """The NamedSharding of one variable from its logical names (leading unnamed axes replicate)."""
+    shape = variable.get_value().shape
+    names = tuple(variable.get_metadata().get("out_sharding") or ())
+    names = (None,) * (len(shape) - len(names)) + names
+    return NamedSharding(mesh, fit_spec(logical_to_mesh_spec(names, rules), shape, mesh))
+
+
 def state_shardings(
     state: Any,
     mesh: Mesh,
     rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = DEFAULT_LOGICAL_AXIS_RULES,
 ) -> Any:
-    """NamedShardings for every variable of an `nnx.State` (same tree), from its logical names and `rules`.
-
-    Mesh axes of size 1 or absent from the mesh are dropped, so one rules table serves every mesh shape.
-    """
-
-    def sharding(variable: nnx.Variable) -> NamedSharding:
-        names = variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
-        spec = logical_to_mesh_spec(names, rules)
-        return NamedSharding(mesh, PartitionSpec(*(_keep_axes_in(mesh.axis_names, axis) for axis in spec)))
-
-    return jax.tree.map(sharding, state, is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
+    """NamedShardings for every variable of an `nnx.State` (same tree), from its logical names and `rules`."""
+    return jax.tree.map(
+        lambda variable: variable_sharding(variable, mesh, rules),
+        state,
+        is_leaf=lambda leaf: isinstance(leaf, nnx.Variable),
+    )
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:

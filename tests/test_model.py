@@ -217,3 +217,21 @@ def test_model_with_pallas_kernels_in_interpret_mode(tiny_model):
     prefill = forward(tokens[:, :8], cache=cache)
     step = forward(tokens[:, 8:], cache=prefill.cache)  # the in-place decode kernel
     assert relative_error(step.logits[:, 0], jit_forward(tiny_model)(tokens).logits[:, 8]) < 1e-5
+
+
+def test_sharding_rules_fit_any_mesh():
+    from jax.sharding import PartitionSpec
+
+    from ring_jax.model import abstract_model
+    from ring_jax.sharding import MESH_AXES, fit_spec, make_mesh, state_shardings
+
+    mesh = make_mesh({"data": -1})
+    assert mesh.axis_names == MESH_AXES and mesh.shape["data"] == len(jax.devices())
+    shardings = state_shardings(nnx.state(abstract_model(tiny_config())), mesh)
+    experts = shardings["cycles"]["layers"][0]["mlp"]["experts"]["gate"]
+    assert experts.spec == PartitionSpec(None, "expert", "fsdp", "tensor")  # [cycles, E, h, I]
+    # Axes that do not divide a dimension are dropped instead of failing at placement.
+    fake_mesh = type("FakeMesh", (), {"axis_names": MESH_AXES, "shape": {"data": 1, "fsdp": 1, "expert": 1, "tensor": 2}})
+    assert fit_spec(PartitionSpec("tensor", "fsdp"), (131, 8), fake_mesh) == PartitionSpec(None, "fsdp")
+    with pytest.raises(ValueError, match="needs 64 devices"):
+        make_mesh({"data": 64})
