@@ -231,7 +231,8 @@ def test_sharding_rules_fit_any_mesh():
     experts = shardings["cycles"]["layers"][0]["mlp"]["experts"]["gate"]
     assert experts.spec == PartitionSpec(None, "expert", "fsdp", "tensor")  # [cycles, E, h, I]
     # Axes that do not divide a dimension are dropped instead of failing at placement.
-    fake_mesh = type("FakeMesh", (), {"axis_names": MESH_AXES, "shape": {"data": 1, "fsdp": 1, "expert": 1, "tensor": 2}})
+    sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 2}
+    fake_mesh = type("FakeMesh", (), {"axis_names": MESH_AXES, "shape": sizes})
     assert fit_spec(PartitionSpec("tensor", "fsdp"), (131, 8), fake_mesh) == PartitionSpec(None, "fsdp")
     with pytest.raises(ValueError, match="needs 64 devices"):
         make_mesh({"data": 64})
