@@ -181,6 +181,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="try kernel tunings on the first shape")
+    parser.add_argument("--shapes", default="", help="B,T,H,D[;B,T,H,D...] instead of the issue's three shapes")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode timings")
     parser.add_argument("--splits", type=int, default=1,
                         help="forward sequence pieces for our kernel (0: pick per shape; 1: single pass)")
     args = parser.parse_args()
@@ -205,13 +207,14 @@ def main():
         tuning = best[1]
     tuning = dict(tuning, splits=args.splits)
     print(f"tuning used: {tuning}")
+    shapes = [tuple(int(x) for x in item.split(",")) for item in args.shapes.split(";")] if args.shapes else SHAPES
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         row = time_prefill(shape, fla, tuning)
         rows.append((shape, row))
         print(shape, {k: round(v, 3) for k, v in row.items()}, flush=True)
     drows = []
-    for batch in DECODE_BATCHES:
+    for batch in [] if args.no_decode else DECODE_BATCHES:
         row = time_decode(batch, fla)
         drows.append((batch, row))
         print("decode", batch, {k: round(v, 4) for k, v in row.items()}, flush=True)
