@@ -26,4 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
         max_position_embeddings=4096,
         rope_theta=10000.0,
     )
+    # Training on the embedded synthetic data (training helper's lines: train/optim/data/checkpoint).
+    config.train.update(steps=300, batch_size=8, seq_len=128, log_every=10)
+    config.optim.update(learning_rate=3e-3, warmup_steps=20, bias_update_rate=1e-2)
+    config.checkpoint.update(every_n_steps=100, keep=2)
     return config

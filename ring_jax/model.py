@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.layers.attention import AttentionInputs, KVCache, SoftmaxAttention
+from ring_jax.layers.attention import KVCache, LayerInputs, SoftmaxAttention
 from ring_jax.layers.lightning import LightningAttention
 from ring_jax.layers.linear import Embed, Linear
 from ring_jax.layers.mlp import SwiGLU
@@ -86,7 +86,7 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, inputs: AttentionInputs, layer_index: jax.Array | int, cache: LayerCache = None
+        self, x: jax.Array, inputs: LayerInputs, layer_index: jax.Array | int, cache: LayerCache = None
     ) -> tuple[jax.Array, LayerCache, RouterStats | None]:
         """x [batch, seq, hidden] -> (x, updated cache, router stats of an MoE layer or None)."""
         normed = self.input_norm(x)
@@ -95,10 +95,12 @@ class DecoderLayer(nnx.Module):
         else:
             attended, cache = self.attention(normed, inputs, layer_index, cache)
         x = x + attended
-        mlp_out = self.mlp(self.post_attention_norm(x))
+        normed = self.post_attention_norm(x)
         stats = None
-        if isinstance(mlp_out, tuple):
-            mlp_out, stats = mlp_out
+        if isinstance(self.mlp, MoE):
+            mlp_out, stats = self.mlp(normed, inputs.token_mask)
+        else:
+            mlp_out = self.mlp(normed)
         x = constrain(x + mlp_out, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache, stats
 
@@ -113,7 +115,7 @@ class LayerCycle(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, inputs: AttentionInputs, layer_indices: jax.Array, caches: tuple[LayerCache, ...]
+        self, x: jax.Array, inputs: LayerInputs, layer_indices: jax.Array, caches: tuple[LayerCache, ...]
     ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[RouterStats, ...]]:
         """layer_indices [group] int32 (HF indices of this cycle's layers; they set the lightning decay)."""
         new_caches, stats = [], []
@@ -144,7 +146,7 @@ class MTPLayer(nnx.Module):
         self.final_norm = RMSNorm(hidden, eps=eps, param_dtype=param_dtype)
 
     def __call__(
-        self, hidden: jax.Array, next_embeddings: jax.Array, inputs: AttentionInputs
+        self, hidden: jax.Array, next_embeddings: jax.Array, inputs: LayerInputs
     ) -> tuple[jax.Array, jax.Array]:
         """hidden, next_embeddings [batch, seq, hidden] -> (block output, normed output for the lm_head)."""
         joined = jnp.concatenate([self.embed_norm(next_embeddings), self.hidden_norm(hidden)], axis=-1)
@@ -258,9 +260,11 @@ class RingLinearModel(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: ModelCache | None = None,
+        token_mask: jax.Array | None = None,
     ) -> ModelOutput:
         """tokens [batch, seq] int; positions [batch, seq] (default: restart per segment, or continue the cache);
-        segment_ids [batch, seq] for packed documents (attention and lightning state never cross a boundary)."""
+        segment_ids [batch, seq] for packed documents (attention and lightning state never cross a boundary);
+        token_mask [batch, seq] bool, False for padding that must not count in the expert load (bias update)."""
         config = self.config
         batch, seq = tokens.shape
         if cache is not None and segment_ids is not None:
@@ -273,7 +277,7 @@ class RingLinearModel(nnx.Module):
                 else jnp.broadcast_to(jnp.arange(seq) + cache_length, (batch, seq))
             )
         cos, sin = rope_tables(positions, config)
-        inputs = AttentionInputs(cos, sin, segment_ids, cache_length)
+        inputs = LayerInputs(cos, sin, segment_ids, cache_length, token_mask)
         x = self.embed(tokens)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -313,7 +317,7 @@ class RingLinearModel(nnx.Module):
         layers: nnx.List,
         indices: tuple[int, ...],
         x: jax.Array,
-        inputs: AttentionInputs,
+        inputs: LayerInputs,
         caches: tuple[LayerCache, ...] | None,
         stats: list[RouterStats],
     ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
@@ -337,7 +341,7 @@ class RingLinearModel(nnx.Module):
     def _run_cycles(
         self,
         x: jax.Array,
-        inputs: AttentionInputs,
+        inputs: LayerInputs,
         caches: tuple[LayerCache, ...] | None,
         stats: list[RouterStats],
     ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
@@ -368,7 +372,7 @@ class RingLinearModel(nnx.Module):
             stats.extend(RouterStats(*(leaf[c] for leaf in s)) for s in cycle_stats)
         return x, new_caches
 
-    def _mtp_logits(self, hidden: jax.Array, tokens: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, ...]:
+    def _mtp_logits(self, hidden: jax.Array, tokens: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, ...]:
         logits = []
         for depth, mtp in enumerate(self.mtp_layers, start=1):
             next_tokens = jnp.roll(tokens, -depth, axis=1)  # the last `depth` positions have no target

@@ -11,7 +11,7 @@ from flax import nnx
 from reference import numpy_ref
 
 from pallas_kernels.gmm import grouped_matmul
-from ring_jax.layers.attention import AttentionInputs, SoftmaxAttention
+from ring_jax.layers.attention import LayerInputs, SoftmaxAttention
 from ring_jax.layers.lightning import LightningAttention, alibi_slopes, layer_decay_rates
 from ring_jax.layers.moe import MoE, moe_dispatch_combine, select_experts
 from ring_jax.layers.norms import GroupRMSNorm, RMSNorm
@@ -22,7 +22,7 @@ F64 = np.float64
 
 def _inputs(config, positions, segment_ids=None):
     cos, sin = rope_tables(jnp.asarray(positions), config)
-    return AttentionInputs(cos, sin, None if segment_ids is None else jnp.asarray(segment_ids), 0)
+    return LayerInputs(cos, sin, None if segment_ids is None else jnp.asarray(segment_ids), 0)
 
 
 def _segments(batch, seq):

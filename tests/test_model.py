@@ -236,3 +236,12 @@ def test_sharding_rules_fit_any_mesh():
     assert fit_spec(PartitionSpec("tensor", "fsdp"), (131, 8), fake_mesh) == PartitionSpec(None, "fsdp")
     with pytest.raises(ValueError, match="needs 64 devices"):
         make_mesh({"data": 64})
+
+
+def test_padding_does_not_count_in_expert_load(tiny_model):
+    tokens = _tokens(tiny_model.config, batch=2, seq=8)
+    token_mask = jnp.asarray([[True] * 8, [True] * 5 + [False] * 3])
+    out = jit_forward(tiny_model)(tokens, token_mask=token_mask)
+    np.testing.assert_array_equal(out.expert_load.sum(-1), 13 * 2)  # 13 real tokens, top-2
+    unmasked = jit_forward(tiny_model)(tokens)
+    np.testing.assert_array_equal(out.logits, unmasked.logits)  # padding is still routed: outputs unchanged

@@ -16,17 +16,19 @@ from ring_jax.layers.rope import apply_rope
 from ring_jax.sharding import constrain
 
 
-class AttentionInputs(NamedTuple):
-    """Per-forward values every attention layer needs.
+class LayerInputs(NamedTuple):
+    """Per-forward values every decoder layer needs.
 
     cos, sin: [batch, seq, rotary_dim] fp32; segment_ids: [batch, seq] int or None (packed documents);
-    cache_length: int32 scalar, tokens already in the caches (0 without a cache).
+    cache_length: int32 scalar, tokens already in the caches (0 without a cache); token_mask: [batch, seq] bool or
+    None, False for padding (routed like any token but not counted in the expert load).
     """
 
     cos: jax.Array
     sin: jax.Array
     segment_ids: jax.Array | None
     cache_length: jax.Array | int
+    token_mask: jax.Array | None = None
 
 
 class KVCache(NamedTuple):
@@ -45,7 +47,7 @@ class QKNormRope(nnx.Module):
         self.k_norm = RMSNorm(config.head_dim, eps=eps, param_dtype=param_dtype, names=("head_dim",))
         self.use_qk_norm = config.use_qk_norm
 
-    def __call__(self, q: jax.Array, k: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, q: jax.Array, k: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, jax.Array]:
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
@@ -63,7 +65,7 @@ class SoftmaxAttention(nnx.Module):
         self.out = Linear(heads * head_dim, config.hidden_size, names=("heads", "embed"), **kwargs)
 
     def __call__(
-        self, x: jax.Array, inputs: AttentionInputs, cache: KVCache | None = None
+        self, x: jax.Array, inputs: LayerInputs, cache: KVCache | None = None
     ) -> tuple[jax.Array, KVCache | None]:
         """x [batch, seq, hidden] -> ([batch, seq, hidden], updated cache)."""
         config = self.config

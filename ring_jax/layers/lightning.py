@@ -12,7 +12,7 @@ from flax import nnx
 from pallas_kernels.lightning import lightning_attention, lightning_attention_decode
 from pallas_kernels.lightning.api import DECODE_IMPLEMENTATIONS
 from ring_jax.config import ModelConfig
-from ring_jax.layers.attention import AttentionInputs, QKNormRope
+from ring_jax.layers.attention import LayerInputs, QKNormRope
 from ring_jax.layers.linear import Linear
 from ring_jax.layers.norms import GroupRMSNorm
 from ring_jax.sharding import constrain
@@ -58,7 +58,7 @@ class LightningAttention(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        inputs: AttentionInputs,
+        inputs: LayerInputs,
         layer_index: jax.Array | int,
         state: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:

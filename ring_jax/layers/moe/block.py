@@ -52,10 +52,14 @@ class MoE(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
-        """x [batch, seq, hidden] -> ([batch, seq, hidden], RouterStats)."""
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
+        """x [batch, seq, hidden], token_mask [batch, seq] bool (False: padding) -> ([batch, seq, hidden], stats).
+
+        Every token is routed (dropless); only unmasked tokens count in the expert load and the z-loss.
+        """
         tokens = constrain(x.reshape(-1, x.shape[-1]), ("activation_tokens", "activation_embed"))
-        routing = self.router(tokens)
+        valid = None if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
+        routing = self.router(tokens, valid)
         routed = moe_dispatch_combine(
             tokens,
             routing.experts,
@@ -67,5 +71,6 @@ class MoE(nnx.Module):
         )
         if self.shared is not None:
             routed = routed + self.shared(tokens)
-        z_loss = jnp.mean(jax.nn.logsumexp(routing.logits, axis=-1) ** 2)
+        z_per_token = jax.nn.logsumexp(routing.logits, axis=-1) ** 2
+        z_loss = jnp.mean(z_per_token) if valid is None else jnp.sum(z_per_token * valid) / jnp.maximum(valid.sum(), 1)
         return routed.reshape(x.shape), RouterStats(self.router.expert_load[...], z_loss)

@@ -59,10 +59,13 @@ class Router(nnx.Module):
         self.expert_bias = annotated(ExpertBias, jnp.zeros((config.num_experts,), jnp.float32), (None,))
         self.expert_load = annotated(ExpertLoad, jnp.zeros((config.num_experts,), jnp.float32), (None,))
 
-    def __call__(self, x: jax.Array) -> RouterOutput:
-        """x [tokens, hidden] -> RouterOutput; records the per-expert token counts in `expert_load`."""
+    def __call__(self, x: jax.Array, token_weights: jax.Array | None = None) -> RouterOutput:
+        """x [tokens, hidden] -> RouterOutput; records per-expert token counts in `expert_load`, each token
+        counted with its weight in `token_weights` [tokens] (0 for padding; default 1)."""
         logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
         bias = self.expert_bias[...] if self.config.moe_router_enable_expert_bias else jnp.zeros_like(logits[0])
         weights, experts = select_experts(jax.nn.sigmoid(logits), jax.lax.stop_gradient(bias), self.config)
-        self.expert_load.set_value(jnp.zeros_like(logits[0]).at[experts.reshape(-1)].add(1.0))
+        weights_per_token = jnp.ones(x.shape[:1], jnp.float32) if token_weights is None else token_weights
+        counts = jnp.broadcast_to(weights_per_token[:, None], experts.shape)
+        self.expert_load.set_value(jnp.zeros_like(logits[0]).at[experts.reshape(-1)].add(counts.reshape(-1)))
         return RouterOutput(weights, experts, logits)

@@ -1,0 +1,1 @@
+"""Data: embedded synthetic corpus, tokenizers, grain pipeline with sequence packing."""

@@ -1,0 +1,154 @@
+"""grain input pipeline: source -> process shard -> shuffle -> tokenize -> split -> pack -> batch.
+
+Each batch is a dict of numpy arrays, all [rows, seq_len]:
+  inputs      int32  token ids fed to the model
+  targets     int32  next-token ids
+  segment_ids int32  1, 2, ... per packed document; 0 = padding (attention and lightning state never cross)
+  positions   int32  position within its document (restarts at 0 in each segment)
+  loss_mask   float32 1 where the target is a real token
+Documents are tokenized as [BOS] + ids + [EOS] (when the tokenizer has them); documents longer than
+seq_len + 1 tokens are cut into windows that become separate segments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from ring_jax.data import sources, synthetic
+from ring_jax.data.sources import DataError
+from ring_jax.data.tokenizers import Tokenizer, make_tokenizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class _Tokenize(grain.transforms.Map):
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+
+    def map(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text)
+        bos = [] if self._tokenizer.bos_id is None else [self._tokenizer.bos_id]
+        eos = [] if self._tokenizer.eos_id is None else [self._tokenizer.eos_id]
+        return np.concatenate([np.asarray(bos, np.int32), ids.astype(np.int32), np.asarray(eos, np.int32)])
+
+
+class _SplitIntoWindows(grain.experimental.FlatMapTransform):
+    """[n] document tokens -> windows {'inputs', 'targets'} of at most seq_len next-token pairs."""
+
+    max_fan_out = 2**31 - 1
+
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
+
+    def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
+        inputs, targets, n = tokens[:-1], tokens[1:], self._seq_len
+        return [{"inputs": inputs[i:i + n], "targets": targets[i:i + n]} for i in range(0, len(inputs), n)]
+
+
+class _FromPacked(grain.transforms.Map):
+    def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        segment_ids = packed["inputs_segment_ids"].astype(np.int32)
+        return {
+            "inputs": packed["inputs"].astype(np.int32),
+            "targets": packed["targets"].astype(np.int32),
+            "segment_ids": segment_ids,
+            "positions": packed["inputs_positions"].astype(np.int32),
+            "loss_mask": (segment_ids > 0).astype(np.float32),
+        }
+
+
+class _PadOne(grain.transforms.Map):
+    """Unpacked mode: one window per row, right-padded."""
+
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
+
+    def map(self, window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(window["inputs"])
+        pad = self._seq_len - n
+        valid = np.concatenate([np.ones(n, np.int32), np.zeros(pad, np.int32)])
+        return {
+            "inputs": np.pad(window["inputs"], (0, pad)).astype(np.int32),
+            "targets": np.pad(window["targets"], (0, pad)).astype(np.int32),
+            "segment_ids": valid,
+            "positions": np.concatenate([np.arange(n, dtype=np.int32), np.zeros(pad, np.int32)]),
+            "loss_mask": valid.astype(np.float32),
+        }
+
+
+class _CheckVocab(grain.transforms.Map):
+    def __init__(self, vocab_size: int, source: str):
+        self._vocab_size = vocab_size
+        self._source = source
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for key in ("inputs", "targets"):
+            largest = int(batch[key].max())
+            if largest >= self._vocab_size or int(batch[key].min()) < 0:
+                raise DataError(f"data: token id {largest} in '{key}' from data.source={self._source!r} is "
+                                f"outside [0, model.vocab_size={self._vocab_size})")
+        return batch
+
+
+def make_source(data_config: ml_collections.ConfigDict):
+    """The random-access document source named by `data.source`."""
+    if data_config.source == "default":
+        return synthetic.SyntheticSource(data_config.num_default_documents, seed=data_config.shuffle_seed)
+    return sources.make_file_source(data_config.source, data_config.format, data_config.text_field)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, tokenizer_spec: str) -> None:
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"data.tokenizer: {tokenizer_spec!r} has {tokenizer.vocab_size} tokens but "
+                        f"model.vocab_size={vocab_size}; token ids would be out of range")
+
+
+def make_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    vocab_size: int,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> grain.IterDataset:
+    """Infinite, deterministic IterDataset of this process's batches [global_batch / processes, seq_len].
+
+    Raises DataError (before anything compiles) for missing files or a tokenizer larger than the model vocab.
+    """
+    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    if global_batch_size % shard_options.shard_count:
+        raise DataError(f"train.batch_size={global_batch_size} is not divisible by the "
+                        f"{shard_options.shard_count} data-loading processes")
+    rows = global_batch_size // shard_options.shard_count
+    tokenizer = make_tokenizer(data_config.tokenizer)
+    check_tokenizer_fits(tokenizer, vocab_size, data_config.tokenizer)
+
+    source = make_source(data_config)
+    documents = grain.MapDataset.source(source)[shard_options.shard_index::shard_options.shard_count]
+    if len(documents) == 0:
+        raise DataError(f"data.source: process {shard_options.shard_index} of {shard_options.shard_count} "
+                        f"gets no documents ({len(source)} in total)")
+    tokens = documents.shuffle(seed=data_config.shuffle_seed).repeat().map(_Tokenize(tokenizer))
+    windows = grain.experimental.FlatMapIterDataset(tokens.to_iter_dataset(), _SplitIntoWindows(seq_len))
+    if data_config.packing:
+        rows_ds = grain.experimental.FirstFitPackIterDataset(
+            windows, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=rows,
+            seed=data_config.shuffle_seed, shuffle_bins=False,
+        ).map(_FromPacked())
+    else:
+        rows_ds = windows.map(_PadOne(seq_len))
+    batches = rows_ds.batch(rows, drop_remainder=True).map(_CheckVocab(vocab_size, data_config.source))
+    if data_config.worker_count > 0:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+    return batches
+
+
+def batch_spec(rows: int, seq_len: int) -> dict[str, Any]:
+    """Shape/dtype of one batch, for building abstract inputs before data arrives."""
+    dtypes = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
+              "loss_mask": np.float32}
+    return {key: ((rows, seq_len), dtypes[key]) for key in BATCH_KEYS}

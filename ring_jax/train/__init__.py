@@ -1,0 +1,1 @@
+"""Training: config sections, optimizer, train step, checkpoints, metrics."""

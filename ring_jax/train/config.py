@@ -1,0 +1,151 @@
+"""Training config sections (train, optim, data, checkpoint, mesh, logging) and their validation.
+
+`ring_jax.config.base_config()` merges these with the model section. Every field is documented inline;
+`validate_training` raises `ring_jax.config.ConfigError` naming the offending field before anything compiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # ring_jax.model.REMAT_POLICIES
+NAN_POLICIES = ("stop", "skip")
+SCHEDULES = ("cosine", "wsd")
+DATA_FORMATS = ("auto", "txt", "jsonl", "arrayrecord")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+def training_defaults() -> dict[str, ml_collections.ConfigDict]:
+    """Default sections of the training config, keyed by section name."""
+    train = ml_collections.ConfigDict()
+    train.steps = 1000  # optimizer steps
+    train.batch_size = 8  # global sequences per optimizer step (split over grad_accum_steps micro-batches)
+    train.seq_len = 256  # packed sequence length in tokens
+    train.grad_accum_steps = 1  # micro-batches per optimizer step; batch_size must be divisible by it
+    train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
+    train.seed = 0  # parameter init seed
+    train.remat_policy = "none"  # one of REMAT_POLICIES (activation checkpointing of each decoder layer)
+    train.nan_policy = "stop"  # 'stop': raise naming the step; 'skip': drop the update and continue
+    train.max_skipped_steps = 10  # with nan_policy='skip', stop after this many consecutive skipped steps
+
+    optim = ml_collections.ConfigDict()
+    optim.learning_rate = 3e-4  # peak learning rate
+    optim.b1 = 0.9
+    optim.b2 = 0.95
+    optim.eps = 1e-8
+    optim.weight_decay = 0.1  # decoupled AdamW decay; never on norm scales (expert bias is no Param)
+    optim.schedule = "cosine"  # 'cosine' (warmup + cosine) or 'wsd' (warmup-stable-decay)
+    optim.warmup_steps = 100
+    optim.decay_fraction = 0.2  # 'wsd': fraction of steps spent in the final linear decay
+    optim.min_lr_ratio = 0.1  # final lr = min_lr_ratio * learning_rate
+    optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+    optim.bias_update_rate = 1e-3  # aux-loss-free expert-bias update rate u (spec §4.3); 0 disables
+    optim.bias_zero_mean = True  # Ant's zero-mean variant of the sign update
+    optim.router_z_loss_coef = 3.5e-6  # router z-loss coefficient (spec §4.3)
+
+    data = ml_collections.ConfigDict()
+    data.source = "default"  # 'default' (embedded synthetic tasks) or comma-separated local paths / globs
+    data.format = "auto"  # one of DATA_FORMATS; 'auto' picks by file suffix
+    data.text_field = "text"  # jsonl / ArrayRecord(JSON) record field holding the document text
+    data.tokenizer = "bytes"  # 'bytes' (byte-level, 256 + specials) or a path to a HF tokenizer.json
+    data.shuffle_seed = 0
+    data.packing = True  # pack several documents per row with segment ids; False pads one document per row
+    data.num_default_documents = 20000  # size of the embedded synthetic corpus
+    data.worker_count = 0  # grain worker processes (0 = in-process, deterministic and checkpointable)
+
+    checkpoint = ml_collections.ConfigDict()
+    checkpoint.every_n_steps = 500  # 0 disables periodic saves (a final save still happens)
+    checkpoint.keep = 3  # number of most recent checkpoints kept
+    checkpoint.async_save = True
+    checkpoint.save_on_finish = True
+
+    mesh = ml_collections.ConfigDict()
+    mesh.data = 1  # -1 means "all remaining devices"
+    mesh.fsdp = 1
+    mesh.expert = 1
+    mesh.tensor = 1
+
+    logging = ml_collections.ConfigDict()
+    logging.tensorboard = True
+    logging.metrics_file = "metrics.jsonl"
+    logging.progress_bar = True
+
+    return {
+        "train": train,
+        "optim": optim,
+        "data": data,
+        "checkpoint": checkpoint,
+        "mesh": mesh,
+        "logging": logging,
+    }
+
+
+def _config_error(message: str) -> Exception:
+    # Imported lazily: ring_jax.config imports this module for base_config().
+    from ring_jax.config import ConfigError
+
+    return ConfigError(message)
+
+
+def _require(condition: bool, field: str, message: str, value: Any) -> None:
+    if not condition:
+        raise _config_error(f"{field}: {message} (got {value!r})")
+
+
+def _check_positive_int(section: ml_collections.ConfigDict, name: str, prefix: str, allow_zero=False) -> None:
+    value = section[name]
+    low = 0 if allow_zero else 1
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+             f"{prefix}.{name}", f"must be an integer >= {low}", value)
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+    """Checks the training sections of `config`; raises ConfigError naming the first bad field."""
+    for section in training_defaults():
+        _require(section in config, section, "missing config section", None)
+    train, optim, data, ckpt, mesh = config.train, config.optim, config.data, config.checkpoint, config.mesh
+
+    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "max_skipped_steps"):
+        _check_positive_int(train, name, "train")
+    _require(train.batch_size % train.grad_accum_steps == 0, "train.batch_size",
+             f"must be divisible by train.grad_accum_steps={train.grad_accum_steps}", train.batch_size)
+    _require(train.remat_policy in REMAT_POLICIES, "train.remat_policy", f"must be one of {REMAT_POLICIES}",
+             train.remat_policy)
+    _require(train.nan_policy in NAN_POLICIES, "train.nan_policy", f"must be one of {NAN_POLICIES}",
+             train.nan_policy)
+
+    _require(optim.learning_rate > 0, "optim.learning_rate", "must be > 0", optim.learning_rate)
+    for name in ("b1", "b2"):
+        _require(0 <= optim[name] < 1, f"optim.{name}", "must be in [0, 1)", optim[name])
+    _require(optim.eps > 0, "optim.eps", "must be > 0", optim.eps)
+    _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", optim.weight_decay)
+    _require(optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}", optim.schedule)
+    _check_positive_int(optim, "warmup_steps", "optim", allow_zero=True)
+    _require(optim.warmup_steps < train.steps or train.steps == 1, "optim.warmup_steps",
+             f"must be smaller than train.steps={train.steps}", optim.warmup_steps)
+    _require(0 < optim.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]", optim.decay_fraction)
+    _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", optim.min_lr_ratio)
+    _require(optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)", optim.clip_norm)
+    _require(optim.bias_update_rate >= 0, "optim.bias_update_rate", "must be >= 0", optim.bias_update_rate)
+    _require(optim.router_z_loss_coef >= 0, "optim.router_z_loss_coef", "must be >= 0",
+             optim.router_z_loss_coef)
+
+    _require(isinstance(data.source, str) and data.source != "", "data.source",
+             "must be 'default' or comma-separated paths", data.source)
+    _require(data.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}", data.format)
+    _require(isinstance(data.tokenizer, str) and data.tokenizer != "", "data.tokenizer",
+             "must be 'bytes' or a path to tokenizer.json", data.tokenizer)
+    _check_positive_int(data, "num_default_documents", "data")
+    _check_positive_int(data, "worker_count", "data", allow_zero=True)
+
+    _check_positive_int(ckpt, "every_n_steps", "checkpoint", allow_zero=True)
+    _check_positive_int(ckpt, "keep", "checkpoint")
+
+    for axis in MESH_AXES:
+        size = mesh[axis]
+        _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
+                 "must be a positive integer or -1 (all remaining devices)", size)
+    _require(sum(mesh[axis] == -1 for axis in MESH_AXES) <= 1, "mesh",
+             "at most one axis may be -1", {axis: mesh[axis] for axis in MESH_AXES})

@@ -1,0 +1,148 @@
+"""The jitted train step: masked token CE + router z-loss + optional MTP loss, gradient accumulation, AdamW,
+NaN/Inf guard, then the aux-loss-free expert-bias update (spec §4.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ring_jax.layers.moe import ExpertLoad
+from ring_jax.train.state import StateFactory
+
+Batch = dict[str, jax.Array]
+
+
+def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Σ mask · (logsumexp(logits) − logits[target]); logits [b, s, V] fp32, targets/mask [b, s]."""
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits) * mask)
+
+
+def mtp_targets(batch: Batch, depth: int) -> tuple[jax.Array, jax.Array]:
+    """Targets and mask for MTP depth d: position t predicts targets[t + d], within the same document only."""
+    targets, mask, segments = batch["targets"], batch["loss_mask"], batch["segment_ids"]
+    shifted = lambda x: jnp.pad(x[:, depth:], ((0, 0), (0, depth)))
+    same_document = (shifted(segments) == segments) & (segments > 0)
+    return shifted(targets), shifted(mask) * same_document
+
+
+def update_expert_bias(bias: jax.Array, load: jax.Array, rate: float, zero_mean: bool) -> jax.Array:
+    """b_i += u·sign(n̄ − n_i) (minus the mean of the sign terms for the zero-mean variant); [..., E] leaves."""
+    step = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+    if zero_mean:
+        step = step - jnp.mean(step, axis=-1, keepdims=True)
+    return bias + rate * step
+
+
+def load_imbalance(expert_load: jax.Array) -> jax.Array:
+    """[num_moe_layers, E] token counts -> [num_moe_layers] max/mean load (1 = perfectly balanced)."""
+    return jnp.max(expert_load, axis=-1) / jnp.maximum(jnp.mean(expert_load, axis=-1), 1e-9)
+
+
+def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) -> Callable:
+    """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+
+    batch leaves are [global_batch, seq] (see ring_jax.data.pipeline). With nan_policy 'skip' or 'stop' a
+    non-finite loss/gradient leaves the state unchanged and sets metrics['finite'] = False; the caller stops
+    or continues.
+    """
+    graphdef, tx = factory.graphdef, factory.tx
+    optim, train = config.optim, config.train
+    accum = train.grad_accum_steps
+    z_coef = optim.router_z_loss_coef
+    mtp_scale = config.model.mtp_loss_scaling_factor
+    num_mtp = config.model.num_nextn_predict_layers
+
+    def micro_loss(params, expert_bias, expert_load, model_vars, micro: Batch, total_tokens: jax.Array):
+        model = nnx.merge(graphdef, params, expert_bias, expert_load, model_vars, copy=True)
+        out = model.forward(
+            micro["inputs"],
+            positions=micro["positions"],
+            segment_ids=micro["segment_ids"],
+            token_mask=micro["segment_ids"] > 0,  # segment 0 is padding: no say in the expert-bias update
+        )
+        ce = cross_entropy_sum(out.logits, micro["targets"], micro["loss_mask"]) / total_tokens
+        mtp = jnp.zeros((), jnp.float32)
+        for depth, mtp_logits in enumerate(out.mtp_logits, start=1):
+            targets, mask = mtp_targets(micro, depth)
+            mtp += cross_entropy_sum(mtp_logits, targets, mask) / total_tokens / num_mtp
+        z_loss = out.router_z_loss / accum
+        loss = ce + z_coef * z_loss + mtp_scale * mtp
+        aux = {
+            "ce_loss": ce,
+            "router_z_loss": z_loss,
+            "mtp_loss": mtp,
+            "expert_load": out.expert_load,
+            "expert_load_state": nnx.state(model, ExpertLoad),
+        }
+        return loss, aux
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        params, expert_bias, model_vars = state["params"], state["expert_bias"], state["model_vars"]
+        frozen = (expert_bias, state["expert_load"], model_vars)
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        # [B, S] -> [accum, B / accum, S], taking every accum-th row so each micro-batch stays evenly sharded.
+        micro_batches = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch
+        )
+
+        def accumulate(carry, micro):
+            (loss, aux), grads = grad_fn(params, *frozen, micro, total_tokens)
+            summed = jax.tree.map(jnp.add, carry, (loss, aux, grads))
+            return summed, None
+
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        carry = grad_fn(params, *frozen, first, total_tokens)
+        carry = (carry[0][0], carry[0][1], carry[1])
+        if accum > 1:
+            rest = jax.tree.map(lambda x: x[1:], micro_batches)
+            carry, _ = jax.lax.scan(accumulate, carry, rest)
+        loss, aux, grads = carry
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        load_state = aux["expert_load_state"]
+        # The two trees differ only in the last key (router.expert_bias vs router.expert_load): pair by order.
+        bias_leaves, bias_tree = jax.tree.flatten(expert_bias)
+        new_bias = jax.tree.unflatten(bias_tree, [
+            update_expert_bias(b, n, optim.bias_update_rate, optim.bias_zero_mean)
+            for b, n in zip(bias_leaves, jax.tree.leaves(load_state), strict=True)
+        ])
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt_state, state["opt_state"]),
+            "expert_bias": keep(new_bias, expert_bias),
+            "expert_load": load_state,
+            "model_vars": model_vars,
+        }
+        metrics = {
+            "loss": loss,
+            "ce_loss": aux["ce_loss"],
+            "router_z_loss": aux["router_z_loss"],
+            "mtp_loss": aux["mtp_loss"],
+            "grad_norm": grad_norm,
+            "finite": finite,
+            "loss_tokens": total_tokens,
+            "moe_load_imbalance": load_imbalance(aux["expert_load"]),
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(factory.shardings, factory.batch_sharding()),
+        out_shardings=(factory.shardings, None),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,39 @@
+"""Train a Ring-linear model.
+
+    python train.py                                   # configs/default.py on the embedded data, runs/default
+    python train.py --config=configs/default.py --workdir=runs/x --config.train.steps=100
+
+Resumes from the latest checkpoint in --workdir. Writes config.json, metrics.jsonl, tensorboard/ and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ring_jax.train.loop import NonFiniteError, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics and the config.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteError as e:
+        print(f"train: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    losses = result.losses
+    if losses:
+        first, last = min(losses), max(losses)
+        print(f"train: steps {result.start_step}->{result.final_step}, loss {losses[first]:.4f} (step {first}) -> "
+              f"{losses[last]:.4f} (step {last})", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
