@@ -25,8 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
         topk_group=2,
         max_position_embeddings=4096,
         rope_theta=10000.0,
+        # Same weights either way; XLA:CPU runs the unrolled stack ~1.7x faster per step (and compiles faster).
+        scan_layers=False,
     )
-    # Training on the embedded synthetic data (training helper's lines: train/optim/data/checkpoint).
+    # Training on the embedded synthetic data: 300 steps of 8 x 128 tokens.
     config.train.update(steps=300, batch_size=8, seq_len=128, log_every=10)
     config.optim.update(learning_rate=3e-3, warmup_steps=20, bias_update_rate=1e-2)
     config.checkpoint.update(every_n_steps=100, keep=2)
