@@ -188,3 +188,25 @@ def test_mtp_loss_targets_stay_inside_documents():
     assert 4.0 < metrics["mtp_loss"] < 8.0  # ≈ ln(272) at initialisation
     expected = metrics["ce_loss"] + 3.5e-6 * metrics["router_z_loss"] + 0.1 * metrics["mtp_loss"]
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-6)
+
+
+def test_scanned_cycles_train_like_unrolled_layers():
+    """6 layers, G=3: layers 3-5 form a scanned cycle; every MoE layer's bias moves, scan == unrolled."""
+    losses = []
+    for scan_layers in (True, False):
+        config = tiny_config(optim__bias_update_rate=0.01)
+        config.model.num_hidden_layers = 6
+        config.model.scan_layers = scan_layers
+        factory, train_step = _factory_and_step(config)
+        data = make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=config.model.vocab_size)
+        batch = next(iter(data))
+        with jax.set_mesh(factory.mesh):
+            state, metrics = train_step(factory.init(), batch)
+        bias = jax.device_get(state["expert_bias"])
+        cycle_bias = np.asarray(bias["cycles"]["layers"][0]["mlp"]["router"]["expert_bias"])
+        assert cycle_bias.shape == (1, 4) and np.abs(cycle_bias).max() > 0.004
+        loads = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state["expert_load"]))]
+        real_tokens = float((batch["segment_ids"] > 0).sum())
+        assert sum(float(x.sum()) for x in loads) == pytest.approx(5 * real_tokens * 2)  # 5 MoE layers, top-2
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
