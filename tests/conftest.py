@@ -57,10 +57,10 @@ def layer_state(model: RingLinearModel, index: int) -> dict:
     location = layer_locations(model.config)[index]
     if location[0] == "cycle":
         _, cycle, position = location
-        state = nnx.state(model.cycles.layers[position]).to_pure_dict()
+        state = nnx.to_pure_dict(nnx.state(model.cycles.layers[position]))
         return jax.tree.map(lambda leaf: np.asarray(leaf[cycle]), state)
     layers = model.pre_layers if location[0] == "pre" else model.post_layers
-    return jax.tree.map(np.asarray, nnx.state(layers[location[1]]).to_pure_dict())
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(layers[location[1]])))
 
 
 def numpy_weights(model: RingLinearModel) -> dict:

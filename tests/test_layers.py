@@ -112,7 +112,7 @@ def test_lightning_layer_matches_numpy_recurrence(rng, packed):
     layer_index = 4
     actual, _ = layer(jnp.asarray(x), _inputs(config, positions, segment_ids), layer_index)
 
-    w = nnx.state(layer).to_pure_dict()
+    w = nnx.to_pure_dict(nnx.state(layer))
     f64 = lambda a: np.asarray(a, F64)  # noqa: E731
     qkv = x.astype(F64) @ f64(w["qkv"]["kernel"])
     q, k, v = (a.reshape(batch, seq, 4, 8) for a in np.split(qkv, 3, axis=-1))
@@ -135,7 +135,7 @@ def test_gqa_attention_layer_matches_numpy(rng, packed):
     positions = _positions(segment_ids) if packed else np.tile(np.arange(seq), (batch, 1))
     actual, _ = layer(jnp.asarray(x), _inputs(config, positions, segment_ids))
 
-    w = nnx.state(layer).to_pure_dict()
+    w = nnx.to_pure_dict(nnx.state(layer))
     f64 = lambda a: np.asarray(a, F64)  # noqa: E731
     qkv = x.astype(F64) @ f64(w["qkv"]["kernel"])
     q = qkv[..., :32].reshape(batch, seq, 4, 8)
@@ -194,7 +194,7 @@ def test_moe_block_matches_numpy(rng):
     block.router.expert_bias[...] = rng.normal(0, 0.3, size=8).astype(np.float32)
     x = rng.normal(size=(2, 9, 32)).astype(np.float32)
     actual, stats = block(jnp.asarray(x))
-    w = jax.tree.map(lambda a: np.asarray(a, F64), nnx.state(block).to_pure_dict())
+    w = jax.tree.map(lambda a: np.asarray(a, F64), nnx.to_pure_dict(nnx.state(block)))
     layer = {
         "router": w["router"]["kernel"], "expert_bias": w["router"]["expert_bias"],
         "expert_gate": w["experts"]["gate"], "expert_up": w["experts"]["up"], "expert_down": w["experts"]["down"],

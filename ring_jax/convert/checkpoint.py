@@ -64,7 +64,7 @@ def atomic_directory(dst: str | Path, *, overwrite: bool = False):
 
 def save_checkpoint(model: RingLinearModel, directory: Path, hf_passthrough: dict | None = None) -> None:
     """Writes the model state and metadata into an existing (empty, temporary) `directory`."""
-    state = nnx.state(model, PERSISTENT).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(model, PERSISTENT))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / STATE_DIR, _str_keys(state))
         checkpointer.wait_until_finished()
@@ -98,7 +98,7 @@ def load_checkpoint(
     directory = Path(directory).absolute()
     config = config or checkpoint_config(directory)
     graphdef, abstract_params, abstract_rest = split_abstract(config)
-    leaves = abstract_params.to_pure_dict()
+    leaves = nnx.to_pure_dict(abstract_params)
     if mesh is not None:
         shardings = _pure(state_shardings(abstract_params, mesh))
     else:
