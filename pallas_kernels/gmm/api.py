@@ -1,8 +1,9 @@
 """`grouped_matmul(..., implementation=)`: the one entry point the MoE layer calls.
 
 Implementations: "ragged_dot" (XLA `jax.lax.ragged_dot`: good on TPU and CPU, slow on GPU), "reference" (pure jnp,
-for tests), "tokamax" (`tokamax.ragged_dot`, Mosaic GPU / TPU kernels, when installed). Faster kernels with their own
-custom VJPs plug in here.
+for tests), "tokamax" (`tokamax.ragged_dot` pinned to its Mosaic GPU / TPU kernels, when installed: pinned so that an
+unsupported case fails loudly instead of silently falling back to XLA's dense-masked GPU path, which is 100x slower).
+Faster kernels with their own custom VJPs plug in here.
 """
 
 from __future__ import annotations
@@ -31,5 +32,7 @@ def grouped_matmul(
     if implementation == "tokamax":
         import tokamax
 
-        return tokamax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+        return tokamax.ragged_dot(
+            lhs, rhs, group_sizes, preferred_element_type=preferred_element_type, implementation="mosaic"
+        )
     raise ValueError(f"unknown grouped_matmul implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
