@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from test_train_helpers import tiny_config
 
 from ring_jax.config import ConfigError
@@ -46,6 +47,25 @@ def test_schedules_and_decay_mask():
     assert float(wsd(99)) == pytest.approx(1.0 - 0.9 * 11 / 22) and float(wsd(110)) == pytest.approx(0.1)
     mask = decay_mask({"norm": {"scale": 0}, "proj": {"kernel": 0}, "embed": {"embedding": 0}})
     assert mask == {"norm": {"scale": False}, "proj": {"kernel": True}, "embed": {"embedding": True}}
+
+
+def test_no_weight_decay_on_the_model_norm_scales():
+    """On the real parameter tree (an nnx.State of Params): zero gradients move kernels by decay, never norms."""
+    config = tiny_config()
+    config.optim.update(learning_rate=0.1, weight_decay=0.5, warmup_steps=0, clip_norm=0.0)
+    factory, _ = _factory_and_step(config)
+    params = factory.init()["params"]
+    tx = factory.tx
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    moved = {
+        "/".join(str(getattr(k, "key", k)) for k in path): float(jnp.abs(u.get_value()).max())
+        for path, u in nnx.to_flat_state(updates)
+    }
+    norms = [name for name in moved if name.endswith("scale")]
+    kernels = [name for name in moved if name.endswith(("kernel", "embedding"))]
+    assert norms and kernels
+    assert all(moved[name] == 0.0 for name in norms), [n for n in norms if moved[n]]
+    assert all(moved[name] > 0.0 for name in kernels)
 
 
 class CompileCounter:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -28,14 +29,18 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
 
 
 def decay_mask(params) -> object:
-    """True for leaves that get weight decay: everything except norm scales (paths ending in 'scale')."""
+    """True for leaves that get weight decay: everything except norm scales (parameters named 'scale').
+
+    `params` is an `nnx.State` of Params (or a plain dict); each Variable counts as one leaf, so the name tested
+    is the parameter's own, not the Variable's internal `value` field.
+    """
 
     def wants_decay(path, _leaf) -> bool:
         last = path[-1]
         name = getattr(last, "key", getattr(last, "name", last))
         return str(name) != "scale"
 
-    return jax.tree_util.tree_map_with_path(wants_decay, params)
+    return jax.tree_util.tree_map_with_path(wants_decay, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
