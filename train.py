@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ring_jax.config import ConfigError
+from ring_jax.data.sources import DataError
 from ring_jax.train.loop import NonFiniteError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.", lock_config=True)
@@ -28,6 +30,9 @@ def main(argv: list[str]) -> None:
     except NonFiniteError as e:
         print(f"train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"train: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     losses = result.losses
     if losses:
         first, last = min(losses), max(losses)

@@ -61,6 +61,13 @@ def test_wrong_dtype(tmp_path, state_dict):
         from_hf(hf, progress=False)
 
 
+def test_expert_bias_must_be_fp32(tmp_path, state_dict):
+    name = next(key for key in state_dict if key.endswith("mlp.gate.expert_bias"))
+    hf = _write(tmp_path, {**state_dict, name: state_dict[name].to(torch.bfloat16)})
+    with pytest.raises(CheckpointError, match=rf"'{re.escape(name)}' in .*: dtype BF16, expected F32"):
+        from_hf(hf, progress=False)
+
+
 def test_truncated_safetensors(tmp_path, state_dict):
     hf = _write(tmp_path, state_dict)
     shard = hf / "model-00002-of-00002.safetensors"

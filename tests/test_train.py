@@ -230,3 +230,20 @@ def test_scanned_cycles_train_like_unrolled_layers():
         assert sum(float(x.sum()) for x in loads) == pytest.approx(5 * real_tokens * 2)  # 5 MoE layers, top-2
         losses.append(float(metrics["loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_metrics_file_keeps_one_record_per_step_after_a_resume(tmp_path):
+    from ring_jax.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()  # "crash" after step 5; the last checkpoint is step 3
+    writer = MetricsWriter(str(tmp_path), tensorboard=False, start_step=3)
+    for step in (4, 5):
+        writer.write(step, {"loss": 10.0 * step})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 40.0, 50.0]

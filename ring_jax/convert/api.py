@@ -178,6 +178,7 @@ def hf_to_checkpoint(
     leaf at a time and Orbax writes from the devices.
     """
     src = Path(src)
+    ckpt.refuse_existing(dst, overwrite)  # before the (long) load, not after it
     model = from_hf(src, dtype, overrides=overrides, mesh=mesh, progress=progress)
     passthrough, _ = _like(src)
     with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:

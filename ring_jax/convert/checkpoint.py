@@ -37,6 +37,13 @@ STATE_DIR = "state"
 ASSETS_DIR = "hf_assets"
 
 
+def refuse_existing(dst: str | Path, overwrite: bool) -> None:
+    if Path(dst).exists() and not overwrite:
+        raise FileExistsError(
+            f"{Path(dst).absolute()} already exists (pass overwrite=True / --overwrite to replace it)"
+        )
+
+
 @contextmanager
 def atomic_directory(dst: str | Path, *, overwrite: bool = False):
     """Yields a temporary directory beside `dst`; on success it is renamed to `dst`, on failure removed.
@@ -44,8 +51,7 @@ def atomic_directory(dst: str | Path, *, overwrite: bool = False):
     An existing `dst` is an error unless `overwrite`; then it is replaced only once the new one is complete.
     """
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    refuse_existing(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:

@@ -97,6 +97,8 @@ def check_source(source: TensorSource, config: ModelConfig, plan: dict[Path, Lea
                 f"tensor {name!r} in {info.file}: dtype {info.dtype} is not a floating-point type "
                 f"({', '.join(FLOAT_CODES)})"
             )
+        if name.endswith("expert_bias") and info.dtype != "F32":
+            raise CheckpointError(f"tensor {name!r} in {info.file}: dtype {info.dtype}, expected F32 (spec §5)")
 
 
 def _where(source: TensorSource) -> str:

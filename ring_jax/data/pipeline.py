@@ -12,8 +12,6 @@ seq_len + 1 tokens are cut into windows that become separate segments.
 
 from __future__ import annotations
 
-from typing import Any
-
 import grain
 import ml_collections
 import numpy as np
@@ -21,8 +19,6 @@ import numpy as np
 from ring_jax.data import sources, synthetic
 from ring_jax.data.sources import DataError
 from ring_jax.data.tokenizers import Tokenizer, make_tokenizer
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class _Tokenize(grain.transforms.Map):
@@ -145,10 +141,3 @@ def make_dataset(
     if data_config.worker_count > 0:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
     return batches
-
-
-def batch_spec(rows: int, seq_len: int) -> dict[str, Any]:
-    """Shape/dtype of one batch, for building abstract inputs before data arrives."""
-    dtypes = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-              "loss_mask": np.float32}
-    return {key: ((rows, seq_len), dtypes[key]) for key in BATCH_KEYS}

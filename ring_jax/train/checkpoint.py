@@ -12,7 +12,6 @@ import os
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -79,19 +78,6 @@ class Checkpointer:
         )
         return restored["state"]
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) describing `tree`, the restore target for Orbax."""
-
-    def describe(leaf):
-        leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(np.asarray(leaf))
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-
-    return jax.tree.map(describe, tree)

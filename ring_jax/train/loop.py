@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ring_jax.data.pipeline import make_dataset
 from ring_jax.train.checkpoint import Checkpointer
@@ -40,6 +41,7 @@ class TrainResult:
     losses: dict[int, float]
     preempted: bool = False
     skipped_steps: int = 0
+    saved: bool = False  # a checkpoint of final_step exists
 
 
 class _SigtermFlag:
@@ -82,10 +84,17 @@ def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
 
 
-def _save(checkpointer: Checkpointer, step: int, state, data_iterator) -> None:
+def _save(checkpointer: Checkpointer, step: int, state, data_iterator) -> bool:
     if jax.process_index() == 0:
         print(f"checkpoint: saving step {step}", flush=True)
-    checkpointer.save(step, state, data_iterator)
+    return checkpointer.save(step, state, data_iterator)
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any: all hosts leave the loop at the same step boundary."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> TrainResult:
@@ -98,11 +107,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     train_cfg, ckpt_cfg, log_cfg = config.train, config.checkpoint, config.logging
     dataset = make_dataset(config.data, seq_len=train_cfg.seq_len, global_batch_size=train_cfg.batch_size,
                            vocab_size=model_config.vocab_size)
+    next(iter(dataset))  # a first batch through every check (token ids < vocab) before anything compiles
     data_iterator = iter(dataset)
     save_resolved_config(config, workdir)
 
     mesh = make_mesh(config.mesh)
-    tx, schedule = make_optimizer(config.optim, train_cfg.steps)
+    tx, _ = make_optimizer(config.optim, train_cfg.steps)
     factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed, remat_policy=train_cfg.remat_policy)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_n_steps=ckpt_cfg.every_n_steps,
                                 keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
@@ -118,7 +128,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     train_step = make_train_step(factory, config)
     batch_sharding = factory.batch_sharding()
     is_main = jax.process_index() == 0
-    writer = MetricsWriter(workdir, filename=log_cfg.metrics_file, tensorboard=log_cfg.tensorboard, enabled=is_main)
+    writer = MetricsWriter(workdir, filename=log_cfg.metrics_file, tensorboard=log_cfg.tensorboard, enabled=is_main,
+                           start_step=start_step)
     bar = ProgressBar(start=start_step, total=train_cfg.steps, enabled=log_cfg.progress_bar and is_main)
     result = TrainResult(start_step=start_step, final_step=start_step, losses={})
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
@@ -157,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 "ce_loss": float(metrics["ce_loss"]),
                 "router_z_loss": float(metrics["router_z_loss"]),
                 "mtp_loss": float(metrics["mtp_loss"]),
-                "learning_rate": float(schedule(step - 1)),
+                "learning_rate": float(metrics["learning_rate"]),
                 "tokens_per_second": tokens_per_second,
                 "grad_norm": float(metrics["grad_norm"]),
                 "loss_tokens": int(metrics["loss_tokens"]),
@@ -172,7 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         with _SigtermFlag() as sigterm, jax.set_mesh(mesh):
             step = start_step
             end_step = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
-            while step < end_step and not sigterm.raised:
+            stop = False
+            while step < end_step and not stop:
                 batch = _global_batch(next(data_iterator), batch_sharding)
                 state, metrics = train_step(state, batch)
                 step += 1
@@ -184,17 +196,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                     finish_step(*pending)
                     pending = None
                     _save(checkpointer, step, state, data_iterator)
+                stop = _any_process(sigterm.raised)
             if pending is not None:
                 finish_step(*pending)
             result.final_step = step
-            result.preempted = sigterm.raised
+            result.preempted = stop
             already_saved = checkpointer.should_save(step) and step > start_step
-            if not already_saved and (sigterm.raised or (ckpt_cfg.save_on_finish and step > start_step)):
-                _save(checkpointer, step, state, data_iterator)
+            wants_save = stop or stop_at_step is not None or ckpt_cfg.save_on_finish
+            result.saved = already_saved
+            if not already_saved and wants_save and step > start_step:
+                result.saved = _save(checkpointer, step, state, data_iterator)
     finally:
         checkpointer.close()
         writer.close()
         bar.close()
     if result.preempted:
-        print(f"train: SIGTERM — saved step {result.final_step} and exited", flush=True)
+        outcome = "saved" if result.saved else "could not save (see the log)"
+        print(f"train: SIGTERM — {outcome} step {result.final_step} and exited", flush=True)
     return result

@@ -21,21 +21,35 @@ def _plain(value):
     return value
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
     """Appends one JSON line per `write` to `workdir/metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    Only process 0 writes (the others get a no-op writer) so multi-host runs produce one file.
+    Only process 0 writes (the others get a no-op writer) so multi-host runs produce one file. On a resume from
+    `start_step`, records of later steps (written before a crash, about to be redone) are dropped first, so the file
+    keeps one record per step.
     """
 
     def __init__(self, workdir: str, *, filename: str = "metrics.jsonl", tensorboard: bool = True,
-                 enabled: bool = True):
+                 enabled: bool = True, start_step: int = 0):
         self._enabled = enabled
         self._file = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, filename), "a", encoding="utf-8")  # noqa: SIM115
+        path = os.path.join(workdir, filename)
+        _drop_records_after(path, start_step)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -57,10 +71,6 @@ class MetricsWriter:
                 for index, item in enumerate(array.reshape(-1)):
                     self._tb.add_scalar(f"{key}/{index}", float(item), step)
         self._tb.flush()
-
-    def write_text(self, tag: str, text: str) -> None:
-        if self._tb is not None:
-            self._tb.add_text(tag, text, 0)
 
     def close(self) -> None:
         if self._file is not None:

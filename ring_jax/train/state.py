@@ -140,4 +140,9 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if micro_batch % batch_shards:
         raise ConfigError(f"train.batch_size: the micro-batch of {micro_batch} rows (batch_size / grad_accum_steps) "
                           f"must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
+    if batch_shards % jax.process_count():
+        # Each process loads its own rows (grain ShardByJaxProcess): the batch must be split across processes,
+        # never replicated over them, or the "replicas" would hold different data.
+        raise ConfigError(f"mesh: mesh.data * mesh.fsdp = {batch_shards} must be a multiple of the "
+                          f"{jax.process_count()} processes (each process reads different batch rows)")
     return model_config

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from ring_jax.layers.moe import ExpertLoad
+from ring_jax.train.optim import make_schedule
 from ring_jax.train.state import StateFactory
 
 Batch = dict[str, jax.Array]
@@ -55,6 +56,8 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
     """
     graphdef, tx = factory.graphdef, factory.tx
     optim, train = config.optim, config.train
+    schedule = make_schedule(optim, train.steps)
+    bias_rate = optim.bias_update_rate if config.model.moe_router_enable_expert_bias else 0.0
     accum = train.grad_accum_steps
     z_coef = optim.router_z_loss_coef
     mtp_scale = config.model.mtp_loss_scaling_factor
@@ -113,11 +116,12 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
         updates, new_opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         load_state = aux["expert_load_state"]
-        # The two trees differ only in the last key (router.expert_bias vs router.expert_load): pair by order.
-        bias_leaves, bias_tree = jax.tree.flatten(expert_bias)
-        new_bias = jax.tree.unflatten(bias_tree, [
-            update_expert_bias(b, n, optim.bias_update_rate, optim.bias_zero_mean)
-            for b, n in zip(bias_leaves, jax.tree.leaves(load_state), strict=True)
+        # Pair each router's bias with its load by the router's path (the trees differ only in the last key).
+        loads = {path[:-1]: load for path, load in nnx.to_flat_state(load_state)}
+        new_bias = nnx.from_flat_state([
+            (path, bias.replace(update_expert_bias(bias.get_value(), loads[path[:-1]].get_value(), bias_rate,
+                                                   optim.bias_zero_mean)))
+            for path, bias in nnx.to_flat_state(expert_bias)
         ])
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
@@ -134,6 +138,8 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
             "router_z_loss": aux["router_z_loss"],
             "mtp_loss": aux["mtp_loss"],
             "grad_norm": grad_norm,
+            # The rate this update used: the optimizer's own step count (skipped steps do not advance it).
+            "learning_rate": schedule(optax.tree_utils.tree_get_all_with_path(state["opt_state"], "count")[0][1]),
             "finite": finite,
             "loss_tokens": total_tokens,
             "moe_load_imbalance": load_imbalance(aux["expert_load"]),
