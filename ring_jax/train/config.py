@@ -10,11 +10,12 @@ from typing import Any
 
 import ml_collections
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # ring_jax.model.REMAT_POLICIES
+from ring_jax.model import REMAT_POLICIES
+from ring_jax.sharding import MESH_AXES
+
 NAN_POLICIES = ("stop", "skip")
 SCHEDULES = ("cosine", "wsd")
 DATA_FORMATS = ("auto", "txt", "jsonl", "arrayrecord")
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def training_defaults() -> dict[str, ml_collections.ConfigDict]:
@@ -111,7 +112,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
         _check_positive_int(train, name, "train")
     _require(train.batch_size % train.grad_accum_steps == 0, "train.batch_size",
              f"must be divisible by train.grad_accum_steps={train.grad_accum_steps}", train.batch_size)
-    _require(train.remat_policy in REMAT_POLICIES, "train.remat_policy", f"must be one of {REMAT_POLICIES}",
+    _require(train.remat_policy in REMAT_POLICIES, "train.remat_policy", f"must be one of {tuple(REMAT_POLICIES)}",
              train.remat_policy)
     _require(train.nan_policy in NAN_POLICIES, "train.nan_policy", f"must be one of {NAN_POLICIES}",
              train.nan_policy)
