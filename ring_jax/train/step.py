@@ -63,7 +63,8 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
     mtp_scale = config.model.mtp_loss_scaling_factor
     num_mtp = config.model.num_nextn_predict_layers
 
-    def micro_loss(params, expert_bias, expert_load, model_vars, micro: Batch, total_tokens: jax.Array):
+    def micro_loss(params, expert_bias, expert_load, model_vars, micro: Batch, token_counts: tuple):
+        total_tokens, mtp_tokens = token_counts  # global counts: micro-batch losses sum to the batch mean
         model = nnx.merge(graphdef, params, expert_bias, expert_load, model_vars, copy=True)
         out = model.forward(
             micro["inputs"],
@@ -75,7 +76,7 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
         mtp = jnp.zeros((), jnp.float32)
         for depth, mtp_logits in enumerate(out.mtp_logits, start=1):
             targets, mask = mtp_targets(micro, depth)
-            mtp += cross_entropy_sum(mtp_logits, targets, mask) / total_tokens / num_mtp
+            mtp += cross_entropy_sum(mtp_logits, targets, mask) / mtp_tokens[depth - 1] / num_mtp
         z_loss = out.router_z_loss / accum
         loss = ce + z_coef * z_loss + mtp_scale * mtp
         aux = {
@@ -93,18 +94,20 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
         params, expert_bias, model_vars = state["params"], state["expert_bias"], state["model_vars"]
         frozen = (expert_bias, state["expert_load"], model_vars)
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        mtp_tokens = [jnp.maximum(jnp.sum(mtp_targets(batch, depth)[1]), 1.0) for depth in range(1, num_mtp + 1)]
+        token_counts = (total_tokens, mtp_tokens)
         # [B, S] -> [accum, B / accum, S], taking every accum-th row so each micro-batch stays evenly sharded.
         micro_batches = jax.tree.map(
             lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch
         )
 
         def accumulate(carry, micro):
-            (loss, aux), grads = grad_fn(params, *frozen, micro, total_tokens)
+            (loss, aux), grads = grad_fn(params, *frozen, micro, token_counts)
             summed = jax.tree.map(jnp.add, carry, (loss, aux, grads))
             return summed, None
 
         first = jax.tree.map(lambda x: x[0], micro_batches)
-        carry = grad_fn(params, *frozen, first, total_tokens)
+        carry = grad_fn(params, *frozen, first, token_counts)
         carry = (carry[0][0], carry[0][1], carry[1])
         if accum > 1:
             rest = jax.tree.map(lambda x: x[1:], micro_batches)
