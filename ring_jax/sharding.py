@@ -71,6 +71,19 @@ def annotated(kind: type[nnx.Variable], value: jax.Array, names: LogicalNames) -
     return kind(value, out_sharding=names, eager_sharding=False)
 
 
+def resolve_mesh_sizes(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Per-axis sizes with the one allowed -1 replaced by the devices left over by the other axes."""
+    sizes = list(sizes)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    if -1 in sizes:
+        known = -math.prod(sizes)
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices are not divisible by the fixed axes (product {known})")
+        sizes[sizes.index(-1)] = num_devices // known
+    return tuple(sizes)
+
+
 def make_mesh(sizes: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over MESH_AXES with Auto axis types (sharding propagates; shard_map islands where needed).
 
@@ -82,16 +95,12 @@ def make_mesh(sizes: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
             raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
         sizes = [sizes.get(axis, 1) for axis in MESH_AXES]
     devices = list(jax.devices() if devices is None else devices)
-    sizes = list(sizes)
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = len(devices) // -math.prod(sizes)
+    sizes = resolve_mesh_sizes(sizes, len(devices))
     needed = math.prod(sizes)
     if needed > len(devices) or needed <= 0:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {needed} devices, have {len(devices)}")
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices[:needed])
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices[:needed])
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

@@ -33,16 +33,14 @@ BATCH_SPEC = PartitionSpec(("data", "fsdp"), None)  # [batch, seq] batches split
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """Axis sizes for MESH_AXES; one axis may be -1 (= the remaining devices)."""
-    sizes = [mesh_config[axis] for axis in MESH_AXES]
-    known = math.prod(size for size in sizes if size != -1)
-    if -1 in sizes:
-        if num_devices % known:
-            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes (product {known})")
-        sizes[sizes.index(-1)] = num_devices // known
+    try:
+        sizes = sharding.resolve_mesh_sizes([mesh_config[axis] for axis in MESH_AXES], num_devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
     if math.prod(sizes) != num_devices:
         raise ConfigError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes, strict=True))} need "
                             f"{math.prod(sizes)} devices but {num_devices} are available")
-    return tuple(sizes)
+    return sizes
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
