@@ -22,17 +22,20 @@ import json
 import os
 import statistics
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from benchmarks.profiling import kernel_times, print_kernel_table
 from ring_jax.config import ModelConfig
 from ring_jax.params import count_parameters
 from ring_jax.train.optim import make_optimizer
 from ring_jax.train.state import StateFactory, make_mesh, validate
 from ring_jax.train.step import make_train_step
+from ring_jax.train.tuning import tune_kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ring_mini_linear_2.py", "Model + training config.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps.")
@@ -40,6 +43,25 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (the first one compil
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s of the device in the compute dtype.")
 _LIGHTNING_CHUNK = flags.DEFINE_integer("lightning_chunk", 64, "Chunk size used in the lightning FLOPs term.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the result as JSON to this file.")
+_KERNEL_TUNING_FILE = flags.DEFINE_string("kernel_tuning_file", "", "Load/save tuned kernel configs here.")
+_TOP = flags.DEFINE_integer("top", 30, "Kernels listed by --profile.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Print the longest device kernels of one step.")
+
+
+def signature(tree: Any) -> dict[str, str]:
+    """Leaf path -> type, weak type, sharding, layout: what jit's cache keys on, to explain a recompilation."""
+    return {
+        jax.tree_util.keystr(path): f"{jax.typeof(leaf)} weak={leaf.weak_type} {leaf.sharding} {leaf.format.layout}"
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def report_signature_change(before: dict[str, str], after: dict[str, str]) -> None:
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    for key in changed[:10]:
+        print(f"train_step: state leaf {key} changed: {before.get(key)} -> {after.get(key)}", flush=True)
+    if changed:
+        print(f"train_step: {len(changed)} state leaves differ between steps (a recompilation)", flush=True)
 
 
 def flops_per_token(model_config: ModelConfig, seq_len: int, chunk: int) -> dict[str, float]:
@@ -83,14 +105,20 @@ def main(argv: list[str]) -> None:
     sharding = factory.batch_sharding()
     batches = [jax.device_put(random_batch(rng, batch, seq, model_config.vocab_size), sharding) for _ in range(2)]
 
+    if config.train.autotune_kernels:
+        for op in tune_kernels(train_step, factory, config, _KERNEL_TUNING_FILE.value or None):
+            timing = f"{op.heuristic_ms:.3f} -> {op.best_ms:.3f} ms" if op.searched else "loaded"
+            print(f"train_step: kernel {op.name} {op.shapes}: {timing}", flush=True)
     state = factory.init()
     print(f"train_step: state initialised on {jax.devices()[0].device_kind}; compiling", flush=True)
     times = []
     with jax.set_mesh(factory.mesh):
         compile_start = time.perf_counter()
         for i in range(_WARMUP.value):
+            before = signature(state)
             state, metrics = train_step(state, batches[i % 2])
             jax.block_until_ready(metrics)
+            report_signature_change(before, signature(state))
             if i == 0:
                 compile_seconds = time.perf_counter() - compile_start
                 print(f"train_step: compile + first step {compile_seconds:.1f} s", flush=True)
@@ -100,6 +128,16 @@ def main(argv: list[str]) -> None:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
             print(f"train_step: step {i} {times[-1] * 1e3:.1f} ms", flush=True)
+
+        if _PROFILE.value:
+            holder = [state]
+
+            def one_step(batch):
+                holder[0], step_metrics = train_step(holder[0], batch)
+                return step_metrics
+
+            print_kernel_table("train step", kernel_times(one_step, batches[0]), top=_TOP.value)
+            state = holder[0]
 
     step_seconds = statistics.median(times)
     tokens_per_second = batch * seq / step_seconds
@@ -116,6 +154,9 @@ def main(argv: list[str]) -> None:
         "remat_policy": config.train.remat_policy,
         "lightning_implementation": model_config.lightning_implementation,
         "gmm_implementation": model_config.gmm_implementation,
+        "attention_implementation": model_config.attention_implementation,
+        "autotune_kernels": config.train.autotune_kernels,
+        "loss_implementation": config.train.loss_implementation,
         "num_experts": model_config.num_experts,
         "num_hidden_layers": model_config.num_hidden_layers,
         "compile_plus_first_step_s": round(compile_seconds, 1),

@@ -14,12 +14,12 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from pallas_kernels.attention.api import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from pallas_kernels.gmm.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
 from pallas_kernels.lightning.api import FORWARD_IMPLEMENTATIONS
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_IMPLEMENTATIONS = (None, *FORWARD_IMPLEMENTATIONS)
-GMM_IMPLEMENTATIONS = ("ragged_dot", "reference", "tokamax")
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 ROPE_SCALING_TYPES = ("linear", "yarn")
 
 
@@ -72,7 +72,7 @@ def model_defaults() -> ml_collections.ConfigDict:
             "param_dtype": "float32",
             "scan_layers": True,
             "lightning_implementation": ml_collections.config_dict.placeholder(str),
-            "gmm_implementation": "ragged_dot",
+            "gmm_implementation": ml_collections.config_dict.placeholder(str),
             "attention_implementation": ml_collections.config_dict.placeholder(str),
             "mtp_loss_scaling_factor": 0.1,
         }
@@ -143,7 +143,7 @@ class ModelConfig:
     param_dtype: str
     scan_layers: bool
     lightning_implementation: str | None
-    gmm_implementation: str
+    gmm_implementation: str | None
     attention_implementation: str | None
     mtp_loss_scaling_factor: float
 

@@ -165,15 +165,18 @@ class ModelCache(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-    """logits [batch, seq, vocab] fp32; hidden_states [batch, seq, hidden] (after the final norm); cache (or None);
-    expert_load [num_moe_layers, num_experts] fp32 in HF layer order; router_z_loss scalar fp32 (mean over MoE
-    layers); mtp_logits: one [batch, seq, vocab] fp32 per MTP depth d (position t predicts token t + d + 1)."""
+    """logits [batch, seq, vocab] fp32 (None with compute_logits=False); hidden_states [batch, seq, hidden] (after
+    the final norm: the lm_head input); cache (or None); expert_load [num_moe_layers, num_experts] fp32 in HF layer
+    order; router_z_loss scalar fp32 (mean over MoE layers); mtp_hidden_states: one [batch, seq, hidden] lm_head
+    input per MTP depth d (position t predicts token t + d + 1); mtp_logits: their [batch, seq, vocab] fp32 logits
+    (empty with compute_logits=False)."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     hidden_states: jax.Array
     cache: ModelCache | None
     expert_load: jax.Array
     router_z_loss: jax.Array
+    mtp_hidden_states: tuple[jax.Array, ...]
     mtp_logits: tuple[jax.Array, ...]
 
 
@@ -261,10 +264,12 @@ class RingLinearModel(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: ModelCache | None = None,
         token_mask: jax.Array | None = None,
+        compute_logits: bool = True,
     ) -> ModelOutput:
         """tokens [batch, seq] int; positions [batch, seq] (default: restart per segment, or continue the cache);
         segment_ids [batch, seq] for packed documents (attention and lightning state never cross a boundary);
-        token_mask [batch, seq] bool, False for padding that must not count in the expert load (bias update)."""
+        token_mask [batch, seq] bool, False for padding that must not count in the expert load (bias update);
+        compute_logits=False skips the lm_head (training takes hidden states into a fused lm_head + loss)."""
         config = self.config
         batch, seq = tokens.shape
         if cache is not None and segment_ids is not None:
@@ -293,18 +298,19 @@ class RingLinearModel(nnx.Module):
         )
 
         hidden = self.final_norm(x)
-        logits = self.lm_head(hidden, out_dtype=jnp.float32)
-        mtp_logits = self._mtp_logits(x, tokens, inputs) if cache is None else ()
+        mtp_hidden = self._mtp_hidden_states(x, tokens, inputs) if cache is None else ()
+        logits_of = lambda h: self.lm_head(h, out_dtype=jnp.float32)
         new_cache = None
         if cache is not None:
             new_cache = ModelCache(pre_caches, cycle_caches, post_caches, cache.length + seq)
         return ModelOutput(
-            logits=logits,
+            logits=logits_of(hidden) if compute_logits else None,
             hidden_states=hidden,
             cache=new_cache,
             expert_load=jnp.stack([s.expert_load for s in stats]) if stats else jnp.zeros((0, config.num_experts)),
             router_z_loss=jnp.mean(jnp.stack([s.z_loss for s in stats])) if stats else jnp.zeros(()),
-            mtp_logits=mtp_logits,
+            mtp_hidden_states=mtp_hidden,
+            mtp_logits=tuple(map(logits_of, mtp_hidden)) if compute_logits else (),
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -372,13 +378,13 @@ class RingLinearModel(nnx.Module):
             stats.extend(RouterStats(*(leaf[c] for leaf in s)) for s in cycle_stats)
         return x, new_caches
 
-    def _mtp_logits(self, hidden: jax.Array, tokens: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, ...]:
-        logits = []
+    def _mtp_hidden_states(self, hidden: jax.Array, tokens: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, ...]:
+        lm_head_inputs = []
         for depth, mtp in enumerate(self.mtp_layers, start=1):
             next_tokens = jnp.roll(tokens, -depth, axis=1)  # the last `depth` positions have no target
             hidden, normed = mtp(hidden, self.embed(next_tokens), inputs)
-            logits.append(self.lm_head(normed, out_dtype=jnp.float32))
-        return tuple(logits)
+            lm_head_inputs.append(normed)
+        return tuple(lm_head_inputs)
 
 
 def abstract_model(config: ModelConfig) -> RingLinearModel:

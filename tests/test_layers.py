@@ -10,7 +10,10 @@ from conftest import relative_error, tiny_config
 from flax import nnx
 from reference import numpy_ref
 
+from pallas_kernels.attention import causal_attention
 from pallas_kernels.gmm import grouped_matmul
+from pallas_kernels.gmm.api import default_implementation
+from pallas_kernels.gmm.tuning import tune_grouped_matmuls
 from ring_jax.layers.attention import LayerInputs, SoftmaxAttention
 from ring_jax.layers.lightning import LightningAttention, alibi_slopes, layer_decay_rates
 from ring_jax.layers.moe import MoE, moe_dispatch_combine, select_experts
@@ -227,6 +230,36 @@ def test_grouped_matmul_rejects_unknown_implementation():
         grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), implementation="cublas")
 
 
+def dense_moe(x, experts, weights, gate, up, down):
+    """Every expert on every token, weighted by a dense [tokens, E] routing matrix: plain autodiff, no sorting."""
+    combine = jnp.sum(jax.nn.one_hot(experts, gate.shape[0]) * weights[..., None], axis=1)
+    per_expert = jnp.einsum("tei,eih->teh", jax.nn.silu(jnp.einsum("th,ehi->tei", x, gate))
+                            * jnp.einsum("th,ehi->tei", x, up), down)  # fmt: skip
+    return jnp.einsum("teh,te->th", per_expert, combine)
+
+
+def test_dispatch_gradients_match_dense_autodiff(rng):
+    """The gather-only custom VJPs (permute, unpermute_combine) against autodiff of a dense MoE, fresh inputs,
+    with tokens routed to the same expert more than once across the batch and an expert left empty."""
+    tokens, hidden, inter, experts_n, top_k = 24, 16, 8, 6, 3
+    x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
+    experts = jnp.asarray(np.stack([rng.choice(experts_n - 1, top_k, replace=False) for _ in range(tokens)]),
+                          jnp.int32)  # fmt: skip
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, size=(tokens, top_k)), jnp.float32)
+    kernels = [jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in
+               [(experts_n, hidden, inter), (experts_n, hidden, inter), (experts_n, inter, hidden)]]  # fmt: skip
+    cotangent = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
+
+    def loss(fn, x, weights, *kernels):
+        return jnp.sum(fn(x, experts, weights, *kernels) * cotangent)
+
+    ours = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(moe_dispatch_combine, x, weights, *kernels)
+    dense = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(dense_moe, x, weights, *kernels)
+    for name, a, b in zip(("x", "weights", "gate", "up", "down"), ours, dense, strict=True):
+        assert relative_error(a, b) < 1e-5, name
+    np.testing.assert_array_equal(np.asarray(ours[4][-1]), 0.0)  # the unused expert gets no gradient
+
+
 def test_dispatch_implementations_agree_with_gradients(rng):
     tokens, hidden, inter, experts_n, top_k = 12, 8, 6, 4, 2
     x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
@@ -251,3 +284,23 @@ def test_dispatch_implementations_agree_with_gradients(rng):
         for t in range(tokens)
     ])  # fmt: skip
     assert relative_error(out, expected) < 1e-5
+
+
+def test_platform_defaults_on_cpu_and_unknown_names(rng):
+    """On CPU: the grouped matmul defaults to XLA's ragged_dot, attention None is XLA's, kernel tuning does
+    nothing (it searches tokamax GPU kernels only); unknown names are refused."""
+    assert default_implementation() == "ragged_dot"
+    q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.repeat([[1] * 5 + [2] * 7], 2, axis=0), jnp.int32)
+    for kwargs in (dict(), dict(segment_ids=segments)):
+        np.testing.assert_array_equal(causal_attention(q, k, v, **kwargs),
+                                      causal_attention(q, k, v, implementation="xla", **kwargs))  # fmt: skip
+    # A packed row is two independent documents: the second one's outputs ignore the first one's tokens.
+    packed = causal_attention(q, k, v, segment_ids=segments)
+    alone = causal_attention(q[:, 5:], k[:, 5:], v[:, 5:])
+    assert relative_error(packed[:, 5:], alone) < 1e-5
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        causal_attention(q, k, v, implementation="flash")
+    lowered = jax.jit(lambda a: grouped_matmul(a, a[None], jnp.array([4]))).lower(jnp.ones((4, 4)))
+    assert tune_grouped_matmuls(lowered) == []

@@ -135,11 +135,18 @@ def test_prefill_then_decode_matches_full_forward(tiny_model):
 def test_mtp_head_predicts_further_tokens():
     config = tiny_config(num_nextn_predict_layers=2)
     model = _model(config)
-    out = jit_forward(model)(_tokens(config, seq=8))
+    tokens = _tokens(config, seq=8)
+    out = jit_forward(model)(tokens)
     assert len(out.mtp_logits) == 2
     for logits in out.mtp_logits:
         assert logits.shape == out.logits.shape and np.isfinite(np.asarray(logits)).all()
     assert relative_error(out.mtp_logits[0], out.logits) > 1e-3
+    # Without logits (the training path): the lm_head inputs, from which the same logits follow.
+    bare = model.forward(tokens, compute_logits=False)
+    assert bare.logits is None and bare.mtp_logits == () and len(bare.mtp_hidden_states) == 2
+    for hidden, logits in zip((bare.hidden_states, *bare.mtp_hidden_states), (out.logits, *out.mtp_logits),
+                              strict=True):  # fmt: skip
+        assert relative_error(model.lm_head(hidden, out_dtype=jnp.float32), logits) < 1e-5
 
 
 @pytest.mark.parametrize(

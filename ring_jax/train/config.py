@@ -10,6 +10,7 @@ from typing import Any
 
 import ml_collections
 
+from pallas_kernels.linear_cross_entropy import IMPLEMENTATIONS as LOSS_IMPLEMENTATIONS
 from ring_jax.model import REMAT_POLICIES
 from ring_jax.sharding import MESH_AXES
 
@@ -28,6 +29,9 @@ def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
     train.seed = 0  # parameter init seed
     train.remat_policy = "none"  # one of REMAT_POLICIES (activation checkpointing of each decoder layer)
+    train.loss_implementation = "chunked"  # lm_head + cross-entropy: one of LOSS_IMPLEMENTATIONS
+    train.loss_chunk_size = 4096  # 'chunked': tokens per chunk (live logits [chunk, vocab] fp32)
+    train.autotune_kernels = True  # GPU: search tokamax grouped-matmul configs for the step's shapes before compiling
     train.nan_policy = "stop"  # 'stop': raise naming the step; 'skip': drop the update and continue
     train.max_skipped_steps = 10  # with nan_policy='skip', stop after this many consecutive skipped steps
 
@@ -114,6 +118,9 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
              f"must be divisible by train.grad_accum_steps={train.grad_accum_steps}", train.batch_size)
     _require(train.remat_policy in REMAT_POLICIES, "train.remat_policy", f"must be one of {tuple(REMAT_POLICIES)}",
              train.remat_policy)
+    _require(train.loss_implementation in LOSS_IMPLEMENTATIONS, "train.loss_implementation",
+             f"must be one of {LOSS_IMPLEMENTATIONS}", train.loss_implementation)
+    _check_positive_int(train, "loss_chunk_size", "train")
     _require(train.nan_policy in NAN_POLICIES, "train.nan_policy", f"must be one of {NAN_POLICIES}",
              train.nan_policy)
 

@@ -24,6 +24,7 @@ from ring_jax.train.metrics import MetricsWriter, ProgressBar
 from ring_jax.train.optim import make_optimizer
 from ring_jax.train.state import StateFactory, make_mesh, validate
 from ring_jax.train.step import make_train_step
+from ring_jax.train.tuning import KERNEL_TUNING_FILE, tune_kernels
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
 
     train_step = make_train_step(factory, config)
     batch_sharding = factory.batch_sharding()
+    if train_cfg.autotune_kernels:
+        tune_kernels(train_step, factory, config, os.path.join(workdir, KERNEL_TUNING_FILE))
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, filename=log_cfg.metrics_file, tensorboard=log_cfg.tensorboard, enabled=is_main,
                            start_step=start_step)

@@ -12,18 +12,20 @@ import ml_collections
 import optax
 from flax import nnx
 
+from pallas_kernels.linear_cross_entropy import linear_cross_entropy
 from ring_jax.layers.moe import ExpertLoad
 from ring_jax.train.optim import make_schedule
 from ring_jax.train.state import StateFactory
 
 Batch = dict[str, jax.Array]
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
+                "loss_mask": jnp.float32}  # fmt: skip  (ring_jax.data.pipeline's batch fields, each [batch, seq])
 
 
-def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Σ mask · (logsumexp(logits) − logits[target]); logits [b, s, V] fp32, targets/mask [b, s]."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits) * mask)
+def abstract_batch(batch_size: int, seq_len: int, sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a global training batch, for lowering the step without data."""
+    return {name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
+            for name, dtype in BATCH_DTYPES.items()}  # fmt: skip
 
 
 def mtp_targets(batch: Batch, depth: int) -> tuple[jax.Array, jax.Array]:
@@ -71,12 +73,20 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
             positions=micro["positions"],
             segment_ids=micro["segment_ids"],
             token_mask=micro["segment_ids"] > 0,  # segment 0 is padding: no say in the expert-bias update
+            compute_logits=False,  # the lm_head runs fused with the loss
         )
-        ce = cross_entropy_sum(out.logits, micro["targets"], micro["loss_mask"]) / total_tokens
+
+        def lm_head_loss(hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+            return linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), model.lm_head.kernel[...], targets.reshape(-1),
+                weights.reshape(-1), implementation=train.loss_implementation, chunk_size=train.loss_chunk_size,
+            )  # fmt: skip
+
+        ce = lm_head_loss(out.hidden_states, micro["targets"], micro["loss_mask"] / total_tokens)
         mtp = jnp.zeros((), jnp.float32)
-        for depth, mtp_logits in enumerate(out.mtp_logits, start=1):
+        for depth, mtp_hidden in enumerate(out.mtp_hidden_states, start=1):
             targets, mask = mtp_targets(micro, depth)
-            mtp += cross_entropy_sum(mtp_logits, targets, mask) / mtp_tokens[depth - 1] / num_mtp
+            mtp += lm_head_loss(mtp_hidden, targets, mask / mtp_tokens[depth - 1]) / num_mtp
         z_loss = out.router_z_loss / accum
         loss = ce + z_coef * z_loss + mtp_scale * mtp
         aux = {
@@ -116,22 +126,29 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
         load_state = aux["expert_load_state"]
         # Pair each router's bias with its load by the router's path (the trees differ only in the last key).
         loads = {path[:-1]: load for path, load in nnx.to_flat_state(load_state)}
-        new_bias = nnx.from_flat_state([
-            (path, bias.replace(update_expert_bias(bias.get_value(), loads[path[:-1]].get_value(), bias_rate,
-                                                   optim.bias_zero_mean)))
-            for path, bias in nnx.to_flat_state(expert_bias)
-        ])
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        def apply_update(params, opt_state, expert_bias):
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_bias = nnx.from_flat_state([
+                (path, bias.replace(update_expert_bias(bias.get_value(), loads[path[:-1]].get_value(), bias_rate,
+                                                       optim.bias_zero_mean)))
+                for path, bias in nnx.to_flat_state(expert_bias)
+            ])
+            return optax.apply_updates(params, updates), new_opt_state, new_bias
+
+        # A non-finite step keeps the old state. A cond, not a select per leaf: only the taken branch runs, so a
+        # normal step makes one pass over params and optimizer state (a select would read both versions again).
+        new_params, new_opt_state, new_bias = jax.lax.cond(
+            finite, apply_update, lambda *old: old, params, state["opt_state"], expert_bias
+        )
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt_state, state["opt_state"]),
-            "expert_bias": keep(new_bias, expert_bias),
+            "params": new_params,
+            "opt_state": new_opt_state,
+            "expert_bias": new_bias,
             "expert_load": load_state,
             "model_vars": model_vars,
         }

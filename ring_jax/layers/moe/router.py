@@ -11,6 +11,7 @@ from flax import nnx
 
 from ring_jax.config import ModelConfig
 from ring_jax.layers.linear import param
+from ring_jax.layers.moe.dispatch import expert_counts
 from ring_jax.sharding import annotated
 
 
@@ -65,7 +66,5 @@ class Router(nnx.Module):
         logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
         bias = self.expert_bias[...] if self.config.moe_router_enable_expert_bias else jnp.zeros_like(logits[0])
         weights, experts = select_experts(jax.nn.sigmoid(logits), jax.lax.stop_gradient(bias), self.config)
-        weights_per_token = jnp.ones(x.shape[:1], jnp.float32) if token_weights is None else token_weights
-        counts = jnp.broadcast_to(weights_per_token[:, None], experts.shape)
-        self.expert_load.set_value(jnp.zeros_like(logits[0]).at[experts.reshape(-1)].add(counts.reshape(-1)))
+        self.expert_load.set_value(expert_counts(experts, self.config.num_experts, token_weights))
         return RouterOutput(weights, experts, logits)
