@@ -10,30 +10,18 @@ heuristic vs best time of every kernel, then the whole fwd+bwd before and after.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
+from benchmarks.profiling import median_ms
 from pallas_kernels.gmm import grouped_matmul
 from pallas_kernels.gmm.tuning import tune_grouped_matmuls
 from ring_jax.config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ring_mini_linear_2.py", "Model + training config.")
-
-
-def median_ms(fn, *args, reps: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def main(argv: list[str]) -> None:

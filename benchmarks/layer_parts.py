@@ -14,7 +14,6 @@ loss (each --loss). --profile prints the longest device kernels of every fwd+bwd
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from benchmarks.profiling import kernel_times, print_kernel_table
+from benchmarks.profiling import kernel_times, median_ms, print_kernel_table
 from pallas_kernels.attention import causal_attention
 from pallas_kernels.gmm import grouped_matmul
 from pallas_kernels.linear_cross_entropy import linear_cross_entropy
@@ -42,17 +41,11 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Print the longest device kernels
 _PARTS = flags.DEFINE_list("parts", ["gmm", "layers", "attention", "loss"], "Which groups of parts to time.")
 
 
-def time_call(fn: Callable, *args: Any, reps: int = 10) -> tuple[float, float]:
+def time_call(fn: Callable, *args: Any) -> tuple[float, float]:
     """(compile + first call seconds, median milliseconds per call)."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - start) * 1e3)
-    return compile_s, statistics.median(samples)
+    return time.perf_counter() - start, median_ms(fn, *args)
 
 
 def forward_and_backward(apply: Callable) -> dict[str, Callable]:

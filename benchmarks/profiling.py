@@ -1,5 +1,7 @@
-"""Per-kernel device time of a jitted call, from a JAX profiler trace (no extra packages: the Perfetto JSON).
+"""Timing helpers of the benchmarks: median wall time of a call, and per-kernel device time from a JAX profiler
+trace (no extra packages: the Perfetto JSON).
 
+    ms = median_ms(fn, *args)        # after one warm-up call
     rows = kernel_times(fn, *args)   # [(kernel name, ms per call, launches per call)], longest first
 
 Used by the benchmarks to say where a part's time goes; on CPU the trace holds no device kernels (empty list).
@@ -13,11 +15,24 @@ import gzip
 import json
 import os
 import re
+import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+
+def median_ms(fn: Callable, *args: Any, reps: int = 10) -> float:
+    """Median milliseconds of `reps` synchronised calls, after one untimed (compiling) call."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
 
 
 def kernel_times(fn: Callable, *args: Any, reps: int = 3) -> list[tuple[str, float, float]]:
