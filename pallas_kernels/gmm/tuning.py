@@ -4,8 +4,8 @@ tokamax picks a kernel config from its autotuning cache, and on a miss from a he
 For the MoE shapes of a step that heuristic is 1.3-1.6x slower than the best config of a small search (measured
 on an H100, benchmarks/gmm_tuning.py). `tune_grouped_matmuls` finds every tokamax grouped matmul in a lowered
 function (forward, dlhs and drhs kernels), times the candidates on device, and leaves the fastest in tokamax's
-in-process cache, so the next trace uses them; results are saved to / loaded from a JSON file so a resumed run
-skips the search. Without a GPU or tokamax it does nothing.
+in-process cache, so the next trace uses them; results are saved to a JSON file that `load_tuned_configs` reads
+back, so a resumed run skips the search. Without a GPU or tokamax it does nothing.
 """
 
 from __future__ import annotations
@@ -49,8 +49,27 @@ def _shapes(bound_args: Any) -> str:
     return " ".join(str(tuple(a.shape)) for a in bound_args.args if hasattr(a, "shape"))
 
 
+def load_tuned_configs(cache_file: str) -> list[TunedOp] | None:
+    """Installs the configs `tune_grouped_matmuls` saved to `cache_file` in tokamax's in-process cache; None when
+    there is no such file or it was tuned on another card kind (then search again). Clears JAX's caches."""
+    if not (tokamax_on_gpu() and os.path.exists(cache_file)):
+        return None
+    import tokamax
+
+    with open(cache_file, encoding="utf-8") as f:
+        result = tokamax.AutotuningResult.loads(f.read())
+    if result.device_kind != jax.devices()[0].device_kind:
+        return None
+    for bound_args, data in result.data:
+        bound_args.op.get_autotuning_cache()[bound_args.autotuning_cache_key] = data
+    jax.clear_caches()
+    return [TunedOp(type(ba.op).__name__, _shapes(ba), float("nan"), float("nan"), str(data.fastest_config),
+                    searched=False) for ba, data in result.data]  # fmt: skip
+
+
 def tune_grouped_matmuls(lowered: jax.stages.Lowered, cache_file: str | None = None) -> list[TunedOp]:
-    """Tunes (or loads from `cache_file`) every tokamax grouped matmul in `lowered`; returns what it did.
+    """Searches configs for every tokamax grouped matmul in `lowered`, keeps the fastest in tokamax's in-process
+    cache (and saves them to `cache_file`); returns what it found.
 
     Clears JAX's caches afterwards so that functions traced before pick the new configs when traced again.
     """
@@ -58,17 +77,6 @@ def tune_grouped_matmuls(lowered: jax.stages.Lowered, cache_file: str | None = N
         return []
     import tokamax
     from tqdm import tqdm
-
-    device_kind = jax.devices()[0].device_kind
-    if cache_file and os.path.exists(cache_file):
-        with open(cache_file, encoding="utf-8") as f:
-            result = tokamax.AutotuningResult.loads(f.read())
-        if result.device_kind == device_kind:  # tuned on another card: search again
-            for bound_args, data in result.data:
-                bound_args.op.get_autotuning_cache()[bound_args.autotuning_cache_key] = data
-            jax.clear_caches()
-            return [TunedOp(type(ba.op).__name__, _shapes(ba), float("nan"), float("nan"), str(data.fastest_config),
-                            searched=False) for ba, data in result.data]  # fmt: skip
 
     bound = [ba for ba in tokamax.autotuning.get_bound_args(lowered) if _is_grouped_matmul(ba)]
     tuned, records = [], []
@@ -83,6 +91,6 @@ def tune_grouped_matmuls(lowered: jax.stages.Lowered, cache_file: str | None = N
         tuned.append((bound_args, data.prune()))
     if cache_file and tuned:
         with open(cache_file, "w", encoding="utf-8") as f:
-            f.write(tokamax.AutotuningResult(device_kind, tuple(tuned)).dumps(prune_errors=True))
+            f.write(tokamax.AutotuningResult(jax.devices()[0].device_kind, tuple(tuned)).dumps(prune_errors=True))
     jax.clear_caches()
     return records

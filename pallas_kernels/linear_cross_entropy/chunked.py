@@ -29,7 +29,8 @@ def _merge(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def _pad_to_chunks(hidden, targets, weights, chunk_size):
+def _chunks(hidden, targets, weights, chunk_size) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(hidden, targets, weights) padded to whole chunks and split: each [num_chunks, chunk_size, ...]."""
     tokens = hidden.shape[0]
     num_chunks = -(-tokens // chunk_size)
     pad = num_chunks * chunk_size - tokens if num_chunks > 1 else 0
@@ -37,7 +38,7 @@ def _pad_to_chunks(hidden, targets, weights, chunk_size):
         hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
         targets = jnp.pad(targets, (0, pad))
         weights = jnp.pad(weights, (0, pad))
-    return num_chunks, hidden, targets, weights
+    return tuple(_split(a, num_chunks) for a in (hidden, targets, weights))
 
 
 def _chunk_logits(hidden_chunk: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -52,7 +53,6 @@ def linear_cross_entropy_chunked(
 
     chunk_size: tokens per chunk (the live logits are [chunk_size, vocab] fp32).
     """
-    num_chunks, hidden, targets, weights = _pad_to_chunks(hidden, targets, weights, chunk_size)
     kernel = kernel.astype(hidden.dtype)
 
     def chunk_loss(total, chunk):
@@ -60,14 +60,12 @@ def linear_cross_entropy_chunked(
         losses = token_losses(_chunk_logits(hidden_chunk, kernel), target_chunk)
         return total + jnp.sum(losses * weight_chunk), None
 
-    chunks = tuple(_split(a, num_chunks) for a in (hidden, targets, weights))
-    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), chunks)
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), _chunks(hidden, targets, weights, chunk_size))
     return total
 
 
 def _fwd(hidden, kernel, targets, weights, chunk_size):
     tokens = hidden.shape[0]
-    num_chunks, padded_hidden, padded_targets, padded_weights = _pad_to_chunks(hidden, targets, weights, chunk_size)
     compute_kernel = kernel.astype(hidden.dtype)
     vocab = kernel.shape[1]
 
@@ -83,8 +81,8 @@ def _fwd(hidden, kernel, targets, weights, chunk_size):
         grad_kernel = grad_kernel + jnp.dot(hidden_chunk.T, grad_logits, preferred_element_type=jnp.float32)
         return (total + jnp.sum(losses * weight_chunk), grad_kernel), (grad_hidden.astype(hidden.dtype), losses)
 
-    chunks = tuple(_split(a, num_chunks) for a in (padded_hidden, padded_targets, padded_weights))
     init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+    chunks = _chunks(hidden, targets, weights, chunk_size)
     (total, grad_kernel), (grad_hidden, losses) = jax.lax.scan(chunk_step, init, chunks)
     grad_hidden, losses = _merge(grad_hidden)[:tokens], _merge(losses)[:tokens]
     return total, (grad_hidden, grad_kernel.astype(kernel.dtype), losses)

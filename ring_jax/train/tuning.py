@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from pallas_kernels.gmm.tuning import TunedOp, tune_grouped_matmuls
+from pallas_kernels.gmm.tuning import TunedOp, load_tuned_configs, tune_grouped_matmuls
 from pallas_kernels.platform import tokamax_on_gpu
 from ring_jax.train.state import StateFactory
 from ring_jax.train.step import abstract_batch
@@ -22,16 +22,17 @@ def tune_kernels(train_step: Any, factory: StateFactory, config: ml_collections.
     kernels. Prints one summary line when it tuned anything."""
     if jax.process_count() > 1 or not tokamax_on_gpu():
         return []
+    loaded = load_tuned_configs(cache_file) if cache_file else None
+    if loaded is not None:  # a resumed run: no lowering, no search
+        print(f"train: loaded {len(loaded)} tuned grouped-matmul kernel configs from {cache_file}", flush=True)
+        return loaded
     with jax.set_mesh(factory.mesh):
         lowered = train_step.lower(factory.abstract_with_shardings(),
                                    abstract_batch(config.train.batch_size, config.train.seq_len,
                                                   factory.batch_sharding()))  # fmt: skip
     tuned = tune_grouped_matmuls(lowered, cache_file)
-    searched = [op for op in tuned if op.searched]
-    if searched:
-        before, after = sum(op.heuristic_ms for op in searched), sum(op.best_ms for op in searched)
-        print(f"train: tuned {len(searched)} grouped-matmul kernels: {before:.2f} ms -> {after:.2f} ms per pass",
+    if tuned:
+        before, after = sum(op.heuristic_ms for op in tuned), sum(op.best_ms for op in tuned)
+        print(f"train: tuned {len(tuned)} grouped-matmul kernels: {before:.2f} ms -> {after:.2f} ms per pass",
               flush=True)
-    elif tuned:
-        print(f"train: loaded {len(tuned)} tuned grouped-matmul kernel configs from {cache_file}", flush=True)
     return tuned

@@ -60,11 +60,10 @@ def permute(x: jax.Array, order: jax.Array, inverse: jax.Array, top_k: int) -> j
 
 
 def _permute_fwd(x, order, inverse, top_k):
-    return permute(x, order, inverse, top_k), (order, inverse)
+    return permute(x, order, inverse, top_k), inverse
 
 
-def _permute_bwd(top_k, residuals, grad):
-    order, inverse = residuals
+def _permute_bwd(top_k, inverse, grad):
     per_copy = grad[inverse].reshape(-1, top_k, grad.shape[-1])  # [tokens, top_k, hidden]
     grad_x = jnp.sum(per_copy.astype(jnp.float32), axis=1).astype(grad.dtype)
     return grad_x, None, None
