@@ -15,16 +15,24 @@ from ml_collections import config_flags
 
 from ring_jax.config import ConfigError
 from ring_jax.data.sources import DataError
+from ring_jax.train import distributed
 from ring_jax.train.loop import NonFiniteError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics and the config.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "Join a multi-process job (jax.distributed.initialize): auto = when the flags "
+                                 "below are given or SLURM / Open MPI / a TPU pod slice launched this process.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process jobs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-process jobs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteError as e:

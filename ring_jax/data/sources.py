@@ -14,11 +14,13 @@ from collections.abc import Sequence
 
 import grain
 
+from ring_jax.errors import RingJaxError
+
 _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".arrayrecord": "arrayrecord",
                    ".array_record": "arrayrecord"}
 
 
-class DataError(ValueError):
+class DataError(RingJaxError):
     """Bad or missing training data; the message names the config field or file."""
 
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from ring_jax.train.state import TrainState
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def all_finite(tree) -> bool:
 
 
 class Checkpointer:
-    """Saves {'state': pytree of arrays, 'data': grain iterator} under `directory/<step>`."""
+    """Saves {'state': the TrainState as a dict of its fields, 'data': grain iterator} under `directory/<step>`."""
 
     def __init__(self, directory: str, *, every_n_steps: int, keep: int, async_save: bool = True):
         self._every_n_steps = every_n_steps
@@ -61,22 +63,23 @@ class Checkpointer:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(state.to_checkpoint()),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
             ),
             force=True,
         )
 
     def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
-        """Restores `step` into arrays shaped/sharded like `abstract_state`; moves `data_iterator` there."""
+        """Restores `step` into arrays shaped/sharded like `abstract_state` (a TrainState of ShapeDtypeStructs);
+        moves `data_iterator` there."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.StandardRestore(abstract_state.to_checkpoint()),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
             ),
         )
-        return restored["state"]
+        return TrainState.from_checkpoint(restored["state"])
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -19,10 +19,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ring_jax.data.pipeline import make_dataset
+from ring_jax.sharding import make_mesh
 from ring_jax.train.checkpoint import Checkpointer
 from ring_jax.train.metrics import MetricsWriter, ProgressBar
 from ring_jax.train.optim import make_optimizer
-from ring_jax.train.state import StateFactory, make_mesh, validate
+from ring_jax.train.state import StateFactory, validate
 from ring_jax.train.step import make_train_step
 from ring_jax.train.tuning import KERNEL_TUNING_FILE, tune_kernels
 
@@ -101,10 +102,12 @@ def _any_process(flag: bool) -> bool:
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> TrainResult:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns what happened.
 
-    `stop_at_step` ends this invocation early (with a checkpoint) without changing the schedule, which
-    always spans `train.steps`; a later call continues from there.
+    `stop_at_step` (default: `train.stop_at_step`, 0 = none) ends this invocation early (with a checkpoint) without
+    changing the schedule, which always spans `train.steps`; a later call continues from there.
     """
     model_config = validate(config)
+    if stop_at_step is None and config.train.stop_at_step:
+        stop_at_step = config.train.stop_at_step
     train_cfg, ckpt_cfg, log_cfg = config.train, config.checkpoint, config.logging
     dataset = make_dataset(config.data, seq_len=train_cfg.seq_len, global_batch_size=train_cfg.batch_size,
                            vocab_size=model_config.vocab_size)
@@ -112,9 +115,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     data_iterator = iter(dataset)
     save_resolved_config(config, workdir)
 
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, use_all=True)
     tx, _ = make_optimizer(config.optim, train_cfg.steps)
-    factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed, remat_policy=train_cfg.remat_policy)
+    factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_n_steps=ckpt_cfg.every_n_steps,
                                 keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
     latest = checkpointer.latest_step()
@@ -123,7 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     else:
         state = checkpointer.restore(latest, factory.abstract_with_shardings(), data_iterator)
         log.info("resumed from step %d", latest)
-    start_step = int(jax.device_get(state["step"]))
+    start_step = int(jax.device_get(state.step))
     print(f"train: {'resuming at' if latest is not None else 'starting at'} step {start_step}", flush=True)
 
     train_step = make_train_step(factory, config)
