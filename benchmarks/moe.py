@@ -48,6 +48,11 @@ def routing(rng: np.random.Generator, tokens: int, experts: int, top_k: int, zip
     return jnp.asarray(choice, jnp.int32), jnp.asarray(weights / weights.sum(1, keepdims=True) * 2.5)
 
 
+def rel_err(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
 def tflops(flops: float, ms: float) -> float:
     return flops / ms / 1e9
 
@@ -111,6 +116,7 @@ def part_two(config: ModelConfig, tokens: int, reps: int) -> dict:
     mesh = make_mesh({"expert": len(devices)}, use_all=True)
     x = jax.random.normal(jax.random.key(1), (len(devices), tokens, config.hidden_size), jnp.bfloat16)
     out = {"devices": len(devices), "tokens_per_gpu": tokens, "transports": {}}
+    reference = None
     with jax.set_mesh(mesh):
         for transport in ("all_gather", "all_to_all", "ragged_all_to_all"):
             graphdef, state = nnx.split(MoE(config.replace(expert_parallel_transport=transport), rngs=nnx.Rngs(0)))
@@ -119,10 +125,18 @@ def part_two(config: ModelConfig, tokens: int, reps: int) -> dict:
                 return nnx.merge(graphdef, state)(x)[0]
 
             fwd = jax.jit(forward)
-            bwd = jax.jit(jax.value_and_grad(lambda s, x, f=forward: jnp.sum(f(s, x).astype(jnp.float32))))
+            bwd = jax.jit(jax.value_and_grad(lambda s, x, f=forward: jnp.sum(f(s, x).astype(jnp.float32)), (0, 1)))
             try:
-                out["transports"][transport] = {"fwd_ms": median_ms(fwd, state, x, reps=reps),
-                                                "fwdbwd_ms": median_ms(bwd, state, x, reps=reps)}  # fmt: skip
+                out["transports"][transport] = times = {"fwd_ms": median_ms(fwd, state, x, reps=reps),
+                                                        "fwdbwd_ms": median_ms(bwd, state, x, reps=reps)}
+                y, (_, (grad_state, grad_x)) = jax.device_get((fwd(state, x), bwd(state, x)))
+                if reference is None:  # the first transport's results: the others must agree with them
+                    reference = (y, grad_state, grad_x)
+                else:
+                    times["rel_err_out"] = rel_err(y, reference[0])
+                    times["rel_err_grad_x"] = rel_err(grad_x, reference[2])
+                    times["rel_err_grad_experts"] = rel_err(grad_state["experts"]["down"].get_value(),
+                                                            reference[1]["experts"]["down"].get_value())
             except Exception as e:  # noqa: BLE001 - report and continue with the next transport
                 out["transports"][transport] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"moe: {transport}: {out['transports'][transport]}", flush=True)
@@ -150,8 +164,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--tune", action="store_true", help="search tokamax grouped-matmul configs first")
     parser.add_argument("--json_out", default=os.path.join(os.environ.get("OUT", "."), "moe.json"))
+    parser.add_argument("--smoke", action="store_true", help="toy sizes (a CPU check of the script itself)")
     args = parser.parse_args()
     config = ModelConfig(dtype="bfloat16", param_dtype="bfloat16")  # Ring-mini's MoE sizes
+    if args.smoke:
+        config = config.replace(hidden_size=64, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+                                num_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)  # fmt: skip
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     try:
         result["one_gpu"] = part_one(config, args.tokens, args.reps, args.tune)
