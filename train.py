@@ -17,6 +17,7 @@ from ring_jax.config import ConfigError
 from ring_jax.data.sources import DataError
 from ring_jax.train import distributed
 from ring_jax.train.loop import NonFiniteError, train
+from ring_jax.train.xla_flags import set_default_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics and the config.")
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    set_default_xla_flags()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         result = train(_CONFIG.value, _WORKDIR.value)

@@ -40,6 +40,7 @@ from ring_jax.train.optim import make_optimizer
 from ring_jax.train.state import StateFactory, validate
 from ring_jax.train.step import make_train_step
 from ring_jax.train.tuning import tune_kernels
+from ring_jax.train.xla_flags import set_default_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ring_mini_linear_2.py", "Model + training config.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps.")
@@ -50,6 +51,7 @@ _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the result as JSON t
 _KERNEL_TUNING_FILE = flags.DEFINE_string("kernel_tuning_file", "", "Load/save tuned kernel configs here.")
 _TOP = flags.DEFINE_integer("top", 30, "Kernels listed by --profile.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Print the longest device kernels of one step.")
+_OVERLAP = flags.DEFINE_bool("overlap_flags", True, "Set ring_jax's XLA options for collective overlap.")
 _CHECK = flags.DEFINE_bool("check_per_shard", False, "Fail if a kernel runs on gathered operands (needs > 1 device).")
 
 
@@ -97,7 +99,9 @@ def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> 
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)  # kernel libraries log every autotuning-cache lookup at INFO
+    logging.set_verbosity(logging.WARNING)
+    if _OVERLAP.value:
+        set_default_xla_flags()  # kernel libraries log every autotuning-cache lookup at INFO
     config = _CONFIG.value
     model_config = validate(config)
     batch, seq = config.train.batch_size, config.train.seq_len
@@ -132,7 +136,9 @@ def main(argv: list[str]) -> None:
             state, metrics = train_step(state, batches[i % 2])
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-            print(f"train_step: step {i} {times[-1] * 1e3:.1f} ms", flush=True)
+            print(f"train_step: step {i} {times[-1] * 1e3:.1f} ms, loss {float(metrics['loss']):.4f}", flush=True)
+            if not bool(metrics["finite"]):  # a fast wrong step is no result
+                raise SystemExit(f"train_step: step {i} is not finite (loss {float(metrics['loss'])})")
 
         if _PROFILE.value:
             holder = [state]
