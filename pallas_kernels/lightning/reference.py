@@ -95,15 +95,11 @@ def lightning_attention_reference(
         k_weight = jnp.exp(-rate[None, :, None] * (n - pos)[None, None, :]) * (
             (doc == last_doc[:, None])[:, None, :].astype(jnp.float32)
         )  # [b, h, c]
-        new_state = keep[..., None, None] * state + jnp.einsum(
-            "bhc,bchd,bche->bhde", k_weight, ki, vi, precision=_HI
-        )
+        new_state = keep[..., None, None] * state + jnp.einsum("bhc,bchd,bche->bhde", k_weight, ki, vi, precision=_HI)
         return (new_state, last_doc), out
 
     state0 = _initial_state(initial_state, batch, heads, head_dim)
-    (final_state, _), out = jax.lax.scan(
-        step, (state0, jnp.zeros((batch,), jnp.int32)), (qc, kc, vc, docs, valid)
-    )
+    (final_state, _), out = jax.lax.scan(step, (state0, jnp.zeros((batch,), jnp.int32)), (qc, kc, vc, docs, valid))
     out = jnp.moveaxis(out, 0, 1).reshape(batch, num_chunks * chunk_size, heads, head_dim)[:, :seq]
     return out.astype(q.dtype), final_state
 

@@ -32,14 +32,10 @@ def random_inputs(
     row index so rows differ).
     """
     keys = jax.random.split(jax.random.key(seed), 4)
-    q, k, v = (
-        jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.float32).astype(dtype) for kk in keys[:3]
-    )
+    q, k, v = (jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.float32).astype(dtype) for kk in keys[:3])
     decay_rate = jnp.asarray(rates, jnp.float32)
     assert decay_rate.shape == (heads,)
-    state = (
-        jax.random.normal(keys[3], (batch, heads, head_dim, head_dim), jnp.float32) if with_state else None
-    )
+    state = jax.random.normal(keys[3], (batch, heads, head_dim, head_dim), jnp.float32) if with_state else None
     segment_ids = None
     if segment_starts is not None:
         ids = np.zeros((batch, seq), np.int32)
@@ -60,11 +56,7 @@ def numpy_recurrence(q, k, v, decay_rate, scale, initial_state=None, segment_ids
     final = np.zeros((batch, heads, head_dim, head_dim))
     for b in range(batch):
         for h in range(heads):
-            s = (
-                np.zeros((head_dim, head_dim))
-                if initial_state is None
-                else np.asarray(initial_state[b, h], np.float64)
-            )
+            s = np.zeros((head_dim, head_dim)) if initial_state is None else np.asarray(initial_state[b, h], np.float64)
             for t in range(seq):
                 if segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]:
                     s = np.zeros_like(s)
