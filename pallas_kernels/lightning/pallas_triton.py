@@ -389,6 +389,7 @@ def kernel_config(
     *,
     scale: float,
     has_segments: bool,
+    itemsize: int = 2,
     interpret: bool = False,
     **tuning_options,
 ) -> KernelConfig:
@@ -398,7 +399,8 @@ def kernel_config(
         raise ValueError(f"kernel options {unknown}: unknown; the tunable ones are {list(_TUNABLE)}")
     if not _is_power_of_two(head_dim) or head_dim < 16:
         raise ValueError(f"q: head_dim {head_dim} must be a power of two >= 16 for the Triton kernels")
-    picked = dataclasses.asdict(tuning.forward_tuning(batch, seq, heads, head_dim, chunk=tuning_options.get("chunk")))
+    chunk = tuning_options.get("chunk")
+    picked = dataclasses.asdict(tuning.forward_tuning(batch, seq, heads, head_dim, chunk=chunk, itemsize=itemsize))
     cfg = KernelConfig(
         seq=seq, scale=scale, has_segments=has_segments, interpret=interpret, **{**picked, **tuning_options}
     )
@@ -433,6 +435,7 @@ def lightning_attention_triton(
         head_dim,
         scale=default_scale(head_dim, scale),
         has_segments=segment_ids is not None,
+        itemsize=jnp.dtype(q.dtype).itemsize,
         interpret=interpret,
         **tuning_options,
     )

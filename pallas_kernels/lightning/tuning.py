@@ -93,9 +93,16 @@ def modelled_forward_us(
     return time
 
 
-def modelled_tuning(batch: int, seq: int, heads: int, head_dim: int, *, chunk: int | None = None) -> ForwardTuning:
-    """The cost model's fastest (config, splits) over FORWARD_CONFIGS (those at `chunk` when given)."""
+def modelled_tuning(
+    batch: int, seq: int, heads: int, head_dim: int, *, chunk: int | None = None, itemsize: int = 2
+) -> ForwardTuning:
+    """The cost model's fastest (config, splits) over FORWARD_CONFIGS (those at `chunk` when given).
+
+    4-byte inputs get the first config only: exact fp32 matmuls compile to long FMA loops that spill, so the
+    smallest blocks (minutes of ptxas for the wider ones)."""
     configs = [c for c in FORWARD_CONFIGS if chunk is None or c.chunk == chunk]
+    if itemsize > 2:
+        configs = configs[:1]
     if not configs:  # a chunk no config was built for: the default kernel shape at that chunk, single pass
         first = FORWARD_CONFIGS[0]
         return ForwardTuning(chunk, first.block_v, 1, first.num_warps, first.num_stages)
@@ -107,12 +114,15 @@ def modelled_tuning(batch: int, seq: int, heads: int, head_dim: int, *, chunk: i
     return ForwardTuning(cfg.chunk, cfg.block_v, splits, cfg.num_warps, cfg.num_stages)
 
 
-def forward_tuning(batch: int, seq: int, heads: int, head_dim: int, *, chunk: int | None = None) -> ForwardTuning:
-    """The measured table's entry for the shape (if its chunk is `chunk` or none is asked), else the model's."""
+def forward_tuning(
+    batch: int, seq: int, heads: int, head_dim: int, *, chunk: int | None = None, itemsize: int = 2
+) -> ForwardTuning:
+    """The measured table's entry for the shape (2-byte inputs; if its chunk is `chunk` or none is asked), else
+    the model's."""
     measured = MEASURED_FORWARD.get(forward_key(batch, seq, heads, head_dim))
-    if measured is not None and chunk in (None, measured.chunk):
+    if measured is not None and itemsize == 2 and chunk in (None, measured.chunk):
         return measured
-    return modelled_tuning(batch, seq, heads, head_dim, chunk=chunk)
+    return modelled_tuning(batch, seq, heads, head_dim, chunk=chunk, itemsize=itemsize)
 
 
 def decode_tuning(batch: int, heads: int, head_dim: int) -> DecodeTuning:

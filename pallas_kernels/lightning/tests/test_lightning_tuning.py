@@ -73,3 +73,17 @@ def test_decode_tuning(monkeypatch):
     monkeypatch.setattr(tuning, "MEASURED_DECODE", {(64 * 16, 128): entry})
     assert tuning.decode_tuning(64, 16, 128) == entry
     assert tuning.decode_tuning(4, 8, 16).block_v <= 16  # never wider than head_dim
+
+
+def test_fp32_inputs_get_the_smallest_blocks(monkeypatch):
+    entry = tuning.ForwardTuning(chunk=64, block_v=128, splits=1, num_warps=8, num_stages=2)
+    monkeypatch.setattr(tuning, "MEASURED_FORWARD", {tuning.forward_key(8, 4096, 32, 128): entry})
+    assert tuning.forward_tuning(8, 4096, 32, 128) == entry
+    wide = tuning.forward_tuning(8, 4096, 32, 128, itemsize=4)  # the bf16 table does not apply
+    first = tuning.FORWARD_CONFIGS[0]
+    assert (wide.chunk, wide.block_v, wide.num_warps, wide.num_stages) == (
+        first.chunk,
+        first.block_v,
+        first.num_warps,
+        first.num_stages,
+    )
