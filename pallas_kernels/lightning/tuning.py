@@ -5,8 +5,10 @@ so a forward is `waves x chunk steps`: programs = (head_dim / block_v) * heads *
 the SMs hold at once (`SMS` x the kernel's resident programs per SM), and every program walks
 ceil(seq / (chunk * splits)) chunks. Narrow value blocks and sequence pieces make more programs (fill the SMs when
 batch * heads is small) but cost work: each block recomputes q kᵀ, and pieces add a state pass reading k and v
-again. `forward_tuning` evaluates that model over `FORWARD_CONFIGS` and the allowed splits and keeps the fastest,
-unless `MEASURED_FORWARD` holds the shape (benchmarks/lightning.py prints that table, measured on the GPU).
+again. No schedule beats the bytes: the model takes the larger of that time and the bytes moved at
+`HBM_BYTES_PER_US`. `forward_tuning` evaluates the model over `FORWARD_CONFIGS` and the allowed splits and keeps
+the fastest, unless `MEASURED_FORWARD` holds the shape (benchmarks/lightning.py prints that table, measured on the
+GPU).
 
 Decode. A step reads and writes the fp32 state once: programs = (head_dim / block_v) * heads * batch; few
 programs leave the step latency-bound (split the state finely), many make it bandwidth-bound (wide blocks, long
@@ -19,6 +21,7 @@ import dataclasses
 import math
 
 SMS = 132  # H100 / H200 streaming multiprocessors
+HBM_BYTES_PER_US = 4.3e6  # H200 copy bandwidth (4.8 TB/s peak)
 MAX_SPLITS = 16  # a forward piece folds in every earlier piece's state: cost grows with splits²
 MIN_PIECE_CHUNKS = 8  # shorter pieces spend more on the state pass and prologue than they gain
 
@@ -44,12 +47,16 @@ class ForwardConfig:
     step_us: float  # µs per chunk step of one program with the SM fully loaded (model; replace with measurements)
 
 
-# Kernels whose sm_90 build neither spills nor exceeds shared memory. The first is the default elsewhere.
+# Forward kernels worth sweeping. programs_per_sm from their sm_90 builds (bf16, head_dim 128; registers x threads
+# and shared memory per SM): c64/v32/w4: 174-253 registers, 76 KB (2 stages) or 112 KB (3 stages) -> 2; the 8-warp
+# ones 185-255 registers -> 1 (v128 spills a few bytes, 216 with documents; c128 104 with documents). step_us is
+# a first guess (SASS of the loop: 385-540 instructions per warp and 28-32 HGMMA per step; tensor time plus four
+# exposed matmul waits) until benchmarks/lightning.py measures it. The first config is the one fp32 inputs get.
 FORWARD_CONFIGS = (
-    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=3, programs_per_sm=2, step_us=1.6),
-    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=2, programs_per_sm=2, step_us=1.7),
-    ForwardConfig(chunk=64, block_v=64, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.2),
-    ForwardConfig(chunk=64, block_v=128, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.8),
+    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=3, programs_per_sm=2, step_us=1.4),
+    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=2, programs_per_sm=2, step_us=1.5),
+    ForwardConfig(chunk=64, block_v=64, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.1),
+    ForwardConfig(chunk=64, block_v=128, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.5),
     ForwardConfig(chunk=128, block_v=32, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.5),
 )
 STATE_STEP_FRACTION = 0.35  # a state-pass chunk step (one matmul) relative to a forward step, same config
@@ -82,15 +89,19 @@ def split_options(seq: int, chunk: int) -> tuple[int, ...]:
 def modelled_forward_us(
     cfg: ForwardConfig, batch: int, seq: int, heads: int, head_dim: int, splits: int, sms: int = SMS
 ) -> float:
-    """Model time of the forward (see module docstring): waves x chunk steps x µs per step, plus the state pass."""
+    """Model time of a bf16 forward (see module docstring): waves x chunk steps x µs per step, plus the state pass,
+    but no less than its bytes (q, k, v, o; k, v again for the state pass) at HBM_BYTES_PER_US."""
     block_v = min(cfg.block_v, head_dim)
     slots = sms * cfg.programs_per_sm
     per_piece = math.ceil(math.ceil(seq / cfg.chunk) / splits)
     programs = (head_dim // block_v) * heads * batch
     time = math.ceil(programs * splits / slots) * per_piece * cfg.step_us
+    elements = batch * seq * heads * head_dim
+    moved = 8 * elements
     if splits > 1:
         time += math.ceil(programs * (splits - 1) / slots) * per_piece * cfg.step_us * STATE_STEP_FRACTION
-    return time
+        moved += 4 * elements * (splits - 1) / splits
+    return max(time, moved / HBM_BYTES_PER_US)
 
 
 def modelled_tuning(
