@@ -79,6 +79,11 @@ def config_name(cfg: dict) -> str:
     return "c{chunk}/v{block_v}/w{num_warps}/s{num_stages}/p{splits}".format(**cfg)
 
 
+def kernel_name(cfg: dict) -> str:
+    """config_name without the splits: the kernel build a check vouches for."""
+    return config_name(dict(cfg, splits=0)).rsplit("/", 1)[0]
+
+
 def tuning_of(cfg: dict) -> tuning.ForwardTuning:
     return tuning.ForwardTuning(**{f.name: cfg[f.name] for f in dataclasses.fields(tuning.ForwardTuning)})
 
@@ -201,8 +206,8 @@ def check_kernels(parallel: bool, fp32: bool) -> tuple[list[dict], set[str]]:
             record.update(errors=errors, ok=all(e <= tol for e in errors))
         except Exception as e:  # noqa: BLE001
             record.update(error=short(e), ok=False)
-        if not record["ok"] and cfg is not None:  # a bf16 forward config: the dtype the sweep times
-            failed.add(config_name(cfg))
+        if not record["ok"] and cfg is not None:  # a bf16 forward config (the dtype the sweep times), any splits
+            failed.add(kernel_name(cfg))
         records.append(record)
         detail = record.get("error") or " ".join(f"{e:.1e}" for e in record["errors"])
         log(f"check {name}: {detail} {'OK' if record['ok'] else 'FAIL'}")
@@ -272,7 +277,7 @@ def sweep_shape(shape, quick: bool, parallel: bool, skip: set[str], fla) -> dict
     keys = jax.random.split(jax.random.key(1), 4)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
     decay = rates(heads)
-    cands = [c for c in candidates(shape, quick) if config_name(c) not in skip]
+    cands = [c for c in candidates(shape, quick) if kernel_name(c) not in skip]
     log(f"{shape}: compiling {len(cands)} forward candidates")
     jobs = {config_name(c): (lambda q, k, v, c=c: ours_forward(q, k, v, decay, **c), (q, k, v)) for c in cands}
     compiled = compile_all(jobs, parallel)
@@ -424,14 +429,12 @@ def time_decode(batch: int, fla, parallel: bool) -> dict:
 
 
 def step_us_of(cfg: dict, shape, ms: float) -> float:
-    """Measured µs per chunk step under the cost model's waves (see tuning.modelled_forward_us)."""
-    batch, seq, heads, dim = shape
+    """Measured µs per chunk step of a single-pass run: its time over the model's waves x steps."""
     fields = (cfg["chunk"], cfg["block_v"], cfg["num_warps"], cfg["num_stages"])
     model = next((c for c in tuning.FORWARD_CONFIGS if (c.chunk, c.block_v, c.num_warps, c.num_stages) == fields), None)
-    if model is None:
+    if model is None or cfg["splits"] != 1:
         return float("nan")
-    unit = tuning.modelled_forward_us(dataclasses.replace(model, step_us=1.0), batch, seq, heads, dim, cfg["splits"])
-    return ms * 1e3 / unit
+    return ms * 1e3 / tuning.serial_steps(model, *shape, 1)
 
 
 def report(prefill: list[dict], decode: dict, checks: list[dict]) -> list[str]:
@@ -518,11 +521,10 @@ def report(prefill: list[dict], decode: dict, checks: list[dict]) -> list[str]:
     for r in prefill:
         for c in r["candidates"]:
             if "fwd_ms" in c and c["config"]["splits"] == 1:
-                model_key = config_name(dict(c["config"], splits=1))
-                steps.setdefault(model_key, []).append(step_us_of(c["config"], r["shape"], c["fwd_ms"]))
+                steps.setdefault(kernel_name(c["config"]), []).append(step_us_of(c["config"], r["shape"], c["fwd_ms"]))
     lines.append("# measured step_us per FORWARD_CONFIGS entry (single pass, median over shapes):")
     for name, values in steps.items():
-        lines.append(f"#   {name[:-3]}: step_us={statistics.median(values):.2f}  (from {len(values)} shapes)")
+        lines.append(f"#   {name}: step_us={statistics.median(values):.2f}  (from {len(values)} shapes)")
     return lines
 
 

@@ -86,20 +86,33 @@ def split_options(seq: int, chunk: int) -> tuple[int, ...]:
     return tuple(s for s in (1, 2, 4, 8, 16) if s <= MAX_SPLITS and (s == 1 or chunks >= s * MIN_PIECE_CHUNKS))
 
 
+def serial_steps(
+    cfg: ForwardConfig,
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    splits: int,
+    pieces: int | None = None,
+    sms: int = SMS,
+) -> int:
+    """Waves x chunk steps per program of a forward kernel over `pieces` of the `splits` pieces (default all)."""
+    per_piece = math.ceil(math.ceil(seq / cfg.chunk) / splits)
+    programs = (head_dim // min(cfg.block_v, head_dim)) * heads * batch * (splits if pieces is None else pieces)
+    return math.ceil(programs / (sms * cfg.programs_per_sm)) * per_piece
+
+
 def modelled_forward_us(
     cfg: ForwardConfig, batch: int, seq: int, heads: int, head_dim: int, splits: int, sms: int = SMS
 ) -> float:
     """Model time of a bf16 forward (see module docstring): waves x chunk steps x µs per step, plus the state pass,
     but no less than its bytes (q, k, v, o; k, v again for the state pass) at HBM_BYTES_PER_US."""
-    block_v = min(cfg.block_v, head_dim)
-    slots = sms * cfg.programs_per_sm
-    per_piece = math.ceil(math.ceil(seq / cfg.chunk) / splits)
-    programs = (head_dim // block_v) * heads * batch
-    time = math.ceil(programs * splits / slots) * per_piece * cfg.step_us
+    time = serial_steps(cfg, batch, seq, heads, head_dim, splits, sms=sms) * cfg.step_us
     elements = batch * seq * heads * head_dim
     moved = 8 * elements
     if splits > 1:
-        time += math.ceil(programs * (splits - 1) / slots) * per_piece * cfg.step_us * STATE_STEP_FRACTION
+        state_steps = serial_steps(cfg, batch, seq, heads, head_dim, splits, pieces=splits - 1, sms=sms)
+        time += state_steps * cfg.step_us * STATE_STEP_FRACTION
         moved += 4 * elements * (splits - 1) / splits
     return max(time, moved / HBM_BYTES_PER_US)
 
