@@ -397,8 +397,8 @@ def kernel_config(
     unknown = sorted(set(tuning_options) - set(_TUNABLE))
     if unknown:
         raise ValueError(f"kernel options {unknown}: unknown; the tunable ones are {list(_TUNABLE)}")
-    if not _is_power_of_two(head_dim) or head_dim < 16:
-        raise ValueError(f"q: head_dim {head_dim} must be a power of two >= 16 for the Triton kernels")
+    if not _is_power_of_two(head_dim) or (head_dim < 16 and not interpret):  # tensor-core matmuls need K >= 16
+        raise ValueError(f"q: head_dim {head_dim} must be a power of two (>= 16 on a GPU) for the Triton kernels")
     chunk = tuning_options.get("chunk")
     picked = dataclasses.asdict(tuning.forward_tuning(batch, seq, heads, head_dim, chunk=chunk, itemsize=itemsize))
     cfg = KernelConfig(
