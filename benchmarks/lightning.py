@@ -218,8 +218,9 @@ def check_kernels(parallel: bool, fp32: bool) -> tuple[list[dict], set[str]]:
 
 
 def candidates(shape, quick: bool) -> list[dict]:
-    """Per forward config: single pass, and the sequence splits around the point where the programs first fill
-    the GPU (one wave of programs_per_sm x SMs); plus the cost model's pick and the old default."""
+    """Per forward config: the sequence splits around the point where the programs first fill the GPU (one wave
+    of programs_per_sm x SMs) and the single pass unless it leaves over half the SMs idle; plus the cost model's
+    pick and the old default (single pass, 32-column blocks)."""
     batch, seq, heads, dim = shape
     found = {config_name(BASELINE): BASELINE}
     for c in tuning.FORWARD_CONFIGS:
@@ -227,7 +228,8 @@ def candidates(shape, quick: bool) -> list[dict]:
         programs = (dim // min(c.block_v, dim)) * heads * batch
         slots = tuning.SMS * c.programs_per_sm
         fill = next((s for s in options if programs * s >= slots), options[-1])
-        splits = {1} if quick else {1, fill, fill // 2} & set(options)
+        single = {1} if programs * 2 >= slots else set()  # a single pass that leaves most SMs idle: not worth a try
+        splits = {1} if quick else (single | {fill, fill // 2}) & set(options)
         for s in sorted(splits):
             cfg = dict(chunk=c.chunk, block_v=c.block_v, num_warps=c.num_warps, num_stages=c.num_stages, splits=s)
             found[config_name(cfg)] = cfg
