@@ -114,7 +114,7 @@ def test_api_dispatch_and_errors():
     out_default, _ = lightning_attention(q, k, v, decay, initial_state=state, segment_ids=seg)
     out_rec, _ = lightning_attention(q, k, v, decay, initial_state=state, segment_ids=seg, implementation="recurrent")
     assert relative_error(out_default, out_rec) <= 1e-5
-    with pytest.raises(ValueError, match="implementation='nope'.*reference"):
+    with pytest.raises(ValueError, match="unknown implementation 'nope'.*reference"):
         lightning_attention(q, k, v, decay, implementation="nope")
     with pytest.raises(ValueError, match="decay_rate"):
         lightning_attention(q, k, v, decay[:1])
