@@ -150,8 +150,8 @@ def forward_tuning(
 
 
 def decode_tuning(batch: int, heads: int, head_dim: int) -> DecodeTuning:
-    """Measured entry, else: the narrowest block that still gives each SM a few programs' worth of bytes in flight
-    (latency-bound small batches want many small programs; large batches want long contiguous rows)."""
+    """Measured entry, else the widest block that still makes 4 programs per SM (large batches: long contiguous
+    rows, few programs), and below that the narrowest (small, latency-bound batches: many small programs)."""
     measured = MEASURED_DECODE.get((batch * heads, head_dim))
     if measured is not None:
         return measured
