@@ -1,10 +1,10 @@
 """Lightning attention Pallas kernels for NVIDIA GPUs, lowered through Triton.
 
-Why Triton lowering: on our H100 image (JAX 0.11.2) a plain `pallas_call` with BlockSpecs lowers through Triton and
-runs (a tiled matmul reached 297 TFLOP/s there), works unchanged with current JAX and runs on CPU with
-`interpret=True` for CI. Mosaic GPU could go further (TMA, wgmma) but needs its own idioms (`plgpu.kernel`,
-`emit_pipeline`, explicit swizzles) that JAX 0.11 and 0.12 still move around; the op is memory-bound (spec §3
-roofline: ~50-100 FLOP/B), so what decides speed here is bytes and parallelism, which Triton lowering controls.
+Why Triton lowering: a plain `pallas_call` with BlockSpecs lowers through Triton on NVIDIA GPUs with JAX 0.11 and
+0.12 alike, and runs on CPU with `interpret=True` for CI. Mosaic GPU could go further (TMA, wgmma) but needs its own
+idioms (`plgpu.kernel`, `emit_pipeline`, explicit swizzles) that JAX 0.11 and 0.12 still move around; the op is
+memory-bound (about 50-100 FLOP per byte moved), so what decides speed here is bytes and parallelism, which Triton
+lowering controls.
 
 Kernels (one program per (batch, head[, value block]), the fp32 state carried in registers over a loop of chunks):
 - forward: single pass; reads q, k, v once and writes o and the final state (no per-chunk state in HBM, unlike
