@@ -1,9 +1,12 @@
-"""Helpers shared by every test of the repository (the kernel tests under `pallas_kernels/**/tests` and the model
-tests under `tests/`): the relative error used as the accuracy measure, and per-test random seeds that a failing
-test's report shows so that the failure can be replayed.
+"""Test support shared by every test of the repository (the kernel tests under `pallas_kernels/**/tests` and the
+model tests under `tests/`), as a pytest plugin that the repository-root `conftest.py` loads:
 
-The repository-root `conftest.py` turns the seed helpers into the `seed` and `rng` fixtures. Nothing in the kernels
-imports this module.
+- `relative_error`, the accuracy measure of every numerical test;
+- the `seed` and `rng` fixtures: fresh random inputs on every run, the seed shown in a failing test's report, and
+  $RING_JAX_TEST_SEED to draw the same inputs again;
+- tests marked `gpu` are skipped, with the reason, where JAX's backend is not a GPU.
+
+Nothing in the kernels imports this module.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import secrets
 from typing import Any
 
 import numpy as np
+import pytest
 
 SEED_ENV = "RING_JAX_TEST_SEED"  # set to a reported seed to replay a failing test with the same random inputs
 
@@ -47,3 +51,31 @@ def fresh_seed() -> int:
 def replay_hint(seed: int, nodeid: str) -> str:
     """The line a failing test's report shows: its seed and the command that draws the same inputs again."""
     return f"random inputs drawn with seed {seed}; replay: {SEED_ENV}={seed} python -m pytest '{nodeid}'"
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """A new seed for each test (or $RING_JAX_TEST_SEED); a failing test's report shows it in a "seed" section."""
+    value = fresh_seed()
+    request.node.add_report_section("setup", "seed", replay_hint(value, request.node.nodeid))
+    return value
+
+
+@pytest.fixture
+def rng(seed: int) -> np.random.Generator:
+    """NumPy generator for a test's random inputs, seeded by the `seed` fixture."""
+    return np.random.default_rng(seed)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped, with the reason, where JAX's backend is not a GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import jax  # only when a gpu test was collected: this initialises the backend
+
+    backend = jax.default_backend()
+    if backend != "gpu":
+        skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU (JAX backend here: {backend})")
+        for item in gpu_items:
+            item.add_marker(skip)
