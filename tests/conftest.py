@@ -1,4 +1,4 @@
-"""Session set-up of the model tests (helpers: `support.py`; shared fixtures: the repository-root `conftest.py`)."""
+"""Session set-up of the model tests (helpers: `support.py`; shared fixtures: `pallas_kernels/testing.py`)."""
 
 import jax
 

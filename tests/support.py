@@ -1,8 +1,8 @@
 """Helpers of the model, conversion and training tests: tiny configs, access to a model's weights in the layout of
 the float64 NumPy reference, a compiled forward, and child processes with a hard wall-clock deadline.
 
-(`relative_error` and the per-test seeds live in `pallas_kernels.testing`, shared with the kernel tests; the `rng`
-and `seed` fixtures are in the repository-root `conftest.py`.)
+(`relative_error` and the `seed` / `rng` fixtures live in `pallas_kernels/testing.py`, shared with the kernel tests
+and loaded as a pytest plugin by the repository-root `conftest.py`.)
 """
 
 from __future__ import annotations
