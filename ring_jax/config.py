@@ -179,7 +179,7 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def is_softmax_layer(self, layer: int) -> bool:
-        """Spec §1.3: every G-th layer is softmax attention, and so is every tail layer past the last full group."""
+        """Every G-th layer is softmax attention, and so is every tail layer past the last full group."""
         group = self.layer_group_size
         return (layer + 1) % group == 0 or layer >= (self.num_hidden_layers // group) * group
 

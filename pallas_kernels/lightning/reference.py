@@ -1,10 +1,10 @@
 """Pure-jnp lightning attention: chunked (training / prefill), token-recurrent, and single-step decode.
 
-Recurrence per (batch, head), spec §2.7: S_t = exp(-rate) * S_{t-1} + k_tᵀ v_t, o_t = scale * q_t S_t, with S
-reset to zero at every document start (segment id differs from the previous token's). Decay and state math
-run in fp32.
+Recurrence per (batch, head) (docs/architecture.md#lightning-attention): S_t = exp(-rate) * S_{t-1} + k_tᵀ v_t,
+o_t = scale * q_t S_t, with S reset to zero at every document start (segment id differs from the previous token's).
+Decay and state math run in fp32.
 
-Chunked form, spec §2.8, for a chunk with local 1-based positions p_c and incoming state S_in:
+Chunked form, for a chunk with local 1-based positions p_c and incoming state S_in:
   O = scale * [((Q Kᵀ) ⊙ M) V + diag(γ ⊙ exp(-rate p)) Q S_in],
   M_cj = exp(-rate (p_c - p_j)) [j <= c, same document],
   S_out = α S_in + Σ_j w_j k_jᵀ v_j,  α = exp(-rate n) [no document starts in the chunk],

@@ -1,4 +1,5 @@
-"""GQA softmax-attention layer (every G-th layer, spec §3) with an optional fixed-size KV cache."""
+"""GQA softmax-attention layer (every G-th layer) with an optional fixed-size KV cache
+(docs/architecture.md#softmax-attention)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class KVCache(NamedTuple):
 
 
 class QKNormRope(nnx.Module):
-    """Per-head RMSNorm on q and k (weights [head_dim] shared by heads), then partial RoPE (spec §2.3–2.4)."""
+    """Per-head RMSNorm on q and k (weights [head_dim] shared by heads), then partial RoPE."""
 
     def __init__(self, config: ModelConfig):
         eps, param_dtype = config.rms_norm_eps, config.weight_dtype

@@ -1,4 +1,5 @@
-"""Lightning (linear) attention layer (spec §2): per-head constant decay, grouped RMSNorm, sigmoid output gate."""
+"""Lightning (linear) attention layer: per-head constant decay, grouped RMSNorm, sigmoid output gate
+(docs/architecture.md#lightning-attention)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from ring_jax.sharding import constrain, per_shard
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
-    """Per-head base decay s_h (spec §2.6): geometric with ratio 2^(-8/p) for the power of two p <= heads; the
-    remaining heads take every second slope of 2p."""
+    """Per-head base decay s_h (docs/architecture.md#decay): geometric with ratio 2^(-8/p) for the power of two
+    p <= heads; the remaining heads take every second slope of 2p."""
 
     def power_of_two_slopes(count: int) -> list[float]:
         ratio = 2.0 ** (-(2.0 ** -(math.log2(count) - 3)))

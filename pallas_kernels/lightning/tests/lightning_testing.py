@@ -1,17 +1,11 @@
-"""Helpers for the lightning tests: random inputs and a float64 NumPy recurrence written from the spec."""
+"""Helpers for the lightning tests: random inputs and the float64 NumPy recurrence of
+docs/architecture.md#lightning-attention."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def relative_error(actual, expected) -> float:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert np.all(np.isfinite(actual)), "non-finite values in result"
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def random_inputs(
@@ -48,7 +42,7 @@ def random_inputs(
 
 
 def numpy_recurrence(q, k, v, decay_rate, scale, initial_state=None, segment_ids=None):
-    """Spec §2.7 in float64: S_t = λ S_{t-1} + k_tᵀ v_t (S reset at document starts), o_t = scale q_t S_t."""
+    """In float64: S_t = λ S_{t-1} + k_tᵀ v_t (S reset at document starts), o_t = scale q_t S_t."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, seq, heads, head_dim = q.shape
     lam = np.exp(-np.asarray(decay_rate, np.float64))

@@ -17,7 +17,8 @@ from pallas_kernels.lightning import (
     lightning_decode_reference,
     tuning,
 )
-from pallas_kernels.lightning.tests.lightning_testing import random_inputs, relative_error
+from pallas_kernels.lightning.tests.lightning_testing import random_inputs
+from pallas_kernels.testing import relative_error
 
 SLOW, FAST = 1e-3, 2.0
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
