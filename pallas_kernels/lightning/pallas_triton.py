@@ -1,17 +1,9 @@
 """Lightning attention Pallas kernels for NVIDIA GPUs, lowered through Triton.
 
-<<<<<<< HEAD
 Why Triton lowering: a plain `pallas_call` with BlockSpecs lowers through Triton on JAX 0.11.2 and 0.12, and runs
 on CPU with `interpret=True` for CI. Mosaic GPU could go further (TMA, wgmma scheduling by hand) but needs its own
 idioms that still move between JAX releases; the op is memory-bound (~100 FLOP per byte), so what decides speed
 here is bytes, parallelism and the work per chunk step, which Triton lowering controls.
-=======
-Why Triton lowering: a plain `pallas_call` with BlockSpecs lowers through Triton on NVIDIA GPUs with JAX 0.11 and
-0.12 alike, and runs on CPU with `interpret=True` for CI. Mosaic GPU could go further (TMA, wgmma) but needs its own
-idioms (`plgpu.kernel`, `emit_pipeline`, explicit swizzles) that JAX 0.11 and 0.12 still move around; the op is
-memory-bound (about 50-100 FLOP per byte moved), so what decides speed here is bytes and parallelism, which Triton
-lowering controls.
->>>>>>> consolidation
 
 Kernels (the fp32 state block carried in registers over a loop of chunks; grids put the value/key block index
 first so that the programs of one (batch, head) launch together and share q, k through L2):
