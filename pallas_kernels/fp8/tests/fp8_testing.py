@@ -3,8 +3,6 @@ from reference.py), plus random inputs for the FP8 tests."""
 
 from __future__ import annotations
 
-import math
-
 import ml_dtypes
 import numpy as np
 
