@@ -21,6 +21,7 @@ from pallas_kernels.lightning.api import FORWARD_IMPLEMENTATIONS
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_IMPLEMENTATIONS = (None, *FORWARD_IMPLEMENTATIONS)
 ROPE_SCALING_TYPES = ("linear", "yarn")
+FP8_MODES = ("none", "emulated", "native")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,10 @@ def model_defaults() -> ml_collections.ConfigDict:
             "gmm_implementation": ml_collections.config_dict.placeholder(str),
             "attention_implementation": ml_collections.config_dict.placeholder(str),
             "mtp_loss_scaling_factor": 0.1,
+            # Blockwise FP8 for the linear projections and the expert GEMMs (router, lm_head stay high precision):
+            # "none", "emulated" (the recipe's numerics in plain JAX, any platform) or "native" (Pallas FP8
+            # kernels on GPU; the emulated path elsewhere).
+            "fp8": "none",
         }
     )
 
@@ -88,6 +93,7 @@ RING_JAX_FIELDS = (
     "gmm_implementation",
     "attention_implementation",
     "mtp_loss_scaling_factor",
+    "fp8",
 )
 
 
@@ -146,6 +152,7 @@ class ModelConfig:
     gmm_implementation: str | None
     attention_implementation: str | None
     mtp_loss_scaling_factor: float
+    fp8: str
 
     @classmethod
     def from_config(cls, section: ml_collections.ConfigDict | dict) -> ModelConfig:
@@ -278,6 +285,7 @@ class ModelConfig:
             "lightning_implementation": LIGHTNING_IMPLEMENTATIONS,
             "gmm_implementation": GMM_IMPLEMENTATIONS,
             "attention_implementation": ATTENTION_IMPLEMENTATIONS,
+            "fp8": FP8_MODES,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:

@@ -6,9 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.fp8 import blockwise_matmul
 from ring_jax.sharding import LogicalNames, annotated
 
 DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def fp8_implementation(fp8: str) -> str | None:
+    """The `pallas_kernels.fp8` implementation of a `model.fp8` mode ("emulated" or "native")."""
+    return {"emulated": "reference", "native": None}[fp8]
 
 
 def param(
@@ -23,7 +29,11 @@ def param(
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel, no bias. kernel [in_features, out_features] (HF stores the transpose)."""
+    """y = x @ kernel, no bias. kernel [in_features, out_features] (HF stores the transpose).
+
+    fp8 ("none", "emulated", "native"): multiply in blockwise FP8 (pallas_kernels.fp8), quantising the fp32 / bf16
+    kernel itself, so its gradient comes back in the parameter dtype.
+    """
 
     def __init__(
         self,
@@ -34,12 +44,17 @@ class Linear(nnx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
+        fp8: str = "none",
     ):
         self.kernel = param(rngs, (in_features, out_features), names, param_dtype)
         self.dtype = dtype
+        self.fp8 = fp8
 
     def __call__(self, x: jax.Array, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x [..., in] -> [..., out]; `out_dtype` asks for a wider result (fp32 logits) without upcasting inputs."""
+        if self.fp8 != "none":
+            out = blockwise_matmul(x.astype(self.dtype), self.kernel[...], implementation=fp8_implementation(self.fp8))
+            return out.astype(out_dtype or self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
         return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype).astype(out_dtype or self.dtype)
 

@@ -47,6 +47,7 @@ class MoE(nnx.Module):
                 dtype=config.compute_dtype,
                 param_dtype=config.weight_dtype,
                 rngs=rngs,
+                fp8=config.fp8,
             )
             if config.num_shared_experts
             else None
@@ -68,6 +69,7 @@ class MoE(nnx.Module):
             self.experts.up[...],
             self.experts.down[...],
             implementation=self.config.gmm_implementation,
+            fp8=self.config.fp8,
         )
         if self.shared is not None:
             routed = routed + self.shared(tokens)
