@@ -68,9 +68,9 @@ E4M3 = jnp.dtype("float8_e4m3fn")
 DENSE_SHAPES = [(16384, 2048, 6144), (32768, 2048, 2048), (16384, 4096, 12288)]
 GROUPED_SHAPES = [(131072, 2048, 1024, 256), (131072, 512, 2048, 256)]  # rows, K, N, experts
 QUICK_DENSE, QUICK_GROUPED = [(512, 384, 256)], [(1024, 256, 128, 8)]
-SWEEP = [  # block_m, block_n, num_warps, num_stages
-    (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 3), (128, 128, 8, 4),
-    (64, 128, 4, 4), (128, 64, 4, 4), (128, 256, 8, 2), (64, 256, 4, 3), (256, 64, 8, 3),
+SWEEP = [  # block_m, block_n, num_warps, num_stages; 256-wide tiles hold two fp32 accumulators of 32K values each
+    (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4),
+    (64, 256, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 256, 8, 2), (256, 64, 8, 3),
 ]  # fmt: skip
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
@@ -368,12 +368,13 @@ def sweep_case(kernel: Callable, cfg: KernelConfig, args: tuple, flops: float, r
 def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s: float) -> None:
     """Times every SWEEP config per kernel call (pre-quantised operands); prints the winners and a TUNED_CONFIGS
     literal keyed as pallas_triton.kernel_config looks configs up."""
-    start, winners = time.perf_counter(), {}
-    for key, label, kernel, args, flops in sweep_calls(dense_shapes, grouped_shapes):
-        best = None
-        for bm, bn, warps, stages in SWEEP:
-            if time.perf_counter() - start > budget_s:
-                print(f"sweep: budget of {budget_s:.0f} s spent at {label}", flush=True)
+    calls, winners = sweep_calls(dense_shapes, grouped_shapes), {}
+    per_call_s = budget_s / len(calls)  # each kernel call gets its share; the first config always runs
+    for key, label, kernel, args, flops in calls:
+        best, start = None, time.perf_counter()
+        for index, (bm, bn, warps, stages) in enumerate(SWEEP):
+            if index and time.perf_counter() - start > per_call_s:
+                print(f"sweep: {label}: time share spent after {index} configs", flush=True)
                 break
             cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
             record = {"section": "sweep", "kernel": label, "config": dataclasses.asdict(cfg)}

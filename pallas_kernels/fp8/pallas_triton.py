@@ -37,6 +37,7 @@ from pallas_kernels.fp8.reference import (
     GroupTiles,
     QTensor,
     group_tiles,
+    line_scales,
     pad_axis,
     quantize_columns,
     quantize_grouped_columns,
@@ -82,21 +83,29 @@ class _Operand:
     contraction_axis: int  # of the 2-D tiles loaded (pre-quantised operands: always 1)
     dtype: str  # FP8 format (of the stored values, or to quantise to)
     power_of_two: bool = False
+    block_scaled: bool = False  # one scale per 128 lines and the program's lines lie in one such block
 
 
 def _prepare(operand: Any, line_block: int) -> tuple[_Operand, tuple[jax.Array, ...], int]:
     """Pads lines to a multiple of `line_block` and the contraction to a multiple of 128 (no copy when aligned).
 
-    Returns the operand's static description, its arrays (values[, scales]) and its number of lines.
+    Returns the operand's static description, its arrays (values[, scales]) and its number of lines. Scales stay
+    per 128-line block when a program's `line_block` lines fit in one block, else they are expanded per line.
     """
     if isinstance(operand, RawOperand):
         lines_axis, c_axis = (-2, -1) if operand.contraction_axis == 1 else (-1, -2)
         data = pad_axis(pad_axis(operand.data, lines_axis, line_block), c_axis, TILE)
         spec = _Operand(True, operand.contraction_axis, jnp.dtype(operand.dtype).name, operand.power_of_two)
         return spec, (data,), operand.data.shape[lines_axis]
-    values, scales = operand  # QTensor or GroupedColumns: values [..., lines, c], scales [..., steps, lines]
-    values = pad_axis(pad_axis(values, -2, line_block), -1, TILE)
-    return _Operand(False, 1, values.dtype.name), (values, pad_axis(scales, -1, line_block)), operand.values.shape[-2]
+    values = pad_axis(pad_axis(operand.values, -2, line_block), -1, TILE)
+    lines = operand.values.shape[-2]
+    # line_block is a power of two, so a padded weight still has ceil(lines / 128) line blocks.
+    block_scaled = getattr(operand, "line_block", 1) == TILE and line_block <= TILE
+    if block_scaled:
+        scales = operand.scales
+    else:
+        scales = pad_axis(line_scales(operand) if isinstance(operand, QTensor) else operand.scales, -1, line_block)
+    return _Operand(False, 1, values.dtype.name, block_scaled=block_scaled), (values, scales), lines
 
 
 def _block(size: int, preferred: int) -> int:
@@ -156,16 +165,23 @@ def _load(op: _Operand, values_ref, scale_ref, lead: tuple, lines, k_start, scal
         return quantize_tile(x, axis, jnp.dtype(op.dtype), op.power_of_two, _divide(interpret))
     if keep is not None:
         tile = _zero_outside(tile, keep)
+    if op.block_scaled:  # the program's lines lie in one 128-line block: one scale for the whole tile
+        return tile, scale_ref[(*lead, scale_index, lines.start // TILE)]
     return tile, scale_ref[(*lead, scale_index, lines)]
 
 
 def _accumulate(acc, a_op: _Operand, a, a_scale, b_op: _Operand, b, b_scale):
-    """acc + (a . b over the contraction) * a_scale[:, None] * b_scale[None, :]."""
+    """acc + (a . b over the contraction) * a_scale[:, None] * b_scale[None, :] (a scalar scale: one per tile).
+
+    With a block-scaled weight this is one FMA per accumulator element, with two scale vectors a product more.
+    """
     if a.dtype != b.dtype:  # e4m3 x e5m2 gradients: Triton's dot takes one type; bf16 holds both exactly
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
     dims = (((a_op.contraction_axis,), (b_op.contraction_axis,)), ((), ()))
     part = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-    return acc + part * (a_scale[:, None] * b_scale[None, :])
+    rows = a_scale[:, None] if a_scale.ndim else a_scale
+    columns = b_scale[None, :] if b_scale.ndim else b_scale
+    return acc + part * (rows * columns)
 
 
 def _params(cfg: KernelConfig) -> plgpu.CompilerParams:
@@ -202,7 +218,9 @@ def _operand_specs(op: _Operand, c: int, block: int, tile_of: Any) -> list[pl.Bl
         specs = [pl.BlockSpec((block, c), lambda p: (tile_of(p), 0))]
     else:
         specs = [pl.BlockSpec((c, block), lambda p: (0, tile_of(p)))]
-    if not op.raw:
+    if op.block_scaled:  # the one 128-line block holding this tile's lines
+        specs.append(pl.BlockSpec((c // TILE, 1), lambda p: (0, tile_of(p) * block // TILE)))
+    elif not op.raw:
         specs.append(pl.BlockSpec((c // TILE, block), lambda p: (0, tile_of(p))))
     return specs
 

@@ -20,8 +20,8 @@ mixes two groups. Rows past sum(group_sizes) give zero outputs and gradients and
 Every product is accumulated in fp32 (kernels: per 128-wide contraction block, then multiplied by both scales);
 results come back in the input's dtype (dw in the weight's dtype).
 
-Operands travel in one layout, contraction dimension last: `QTensor(values [rows, c], scales [ceil(c/128), rows])`
-means values[r, j] * scales[j // 128, r]. Weights are expanded to it (each block scale repeated over its 128 rows).
+Operands travel in one layout, contraction dimension last: `QTensor(values [lines, c], scales [ceil(c/128), lines])`
+means values[l, j] * scales[j // 128, l]; a weight keeps one scale per 128 lines (`line_block`).
 """
 
 from __future__ import annotations
@@ -50,11 +50,19 @@ def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-class QTensor(NamedTuple):
-    """A quantised GEMM operand, contraction last: values [..., rows, c] fp8, scales [..., ceil(c/128), rows]."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=["line_block"])
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """A quantised GEMM operand, contraction last: values [..., lines, c] fp8, scales [..., ceil(c/128),
+    ceil(lines/line_block)] fp32; values[l, j] stands for values[l, j] * scales[j // 128, l // line_block].
+
+    line_block is 1 for activations and gradients (a scale per line) and 128 for weights (a scale per 128 x 128
+    block), which lets a kernel whose tile lies in one block apply a single scale to it.
+    """
 
     values: jax.Array
     scales: jax.Array
+    line_block: int = 1
 
 
 class BlockQuantized(NamedTuple):
@@ -64,15 +72,12 @@ class BlockQuantized(NamedTuple):
     scales: jax.Array
 
     def input_side(self) -> QTensor:
-        """The weight as the second operand of y = x @ w (contraction K): values [..., N, K], scales [..., Kb, N]."""
-        n = self.values.shape[-1]
-        return QTensor(jnp.swapaxes(self.values, -1, -2), jnp.repeat(self.scales, TILE, axis=-1)[..., :n])
+        """The weight as the second operand of y = x @ w (contraction K): lines N."""
+        return QTensor(jnp.swapaxes(self.values, -1, -2), self.scales, TILE)
 
     def output_side(self) -> QTensor:
-        """The weight as the second operand of dx = dy @ w^T (contraction N): values [..., K, N], scales
-        [..., Nb, K]."""
-        k = self.values.shape[-2]
-        return QTensor(self.values, jnp.repeat(jnp.swapaxes(self.scales, -1, -2), TILE, axis=-1)[..., :k])
+        """The weight as the second operand of dx = dy @ w^T (contraction N): lines K."""
+        return QTensor(self.values, jnp.swapaxes(self.scales, -1, -2), TILE)
 
 
 def quantize_rows(x: jax.Array, dtype: jnp.dtype, power_of_two: bool) -> QTensor:
@@ -99,10 +104,15 @@ def quantize_blocks(w: jax.Array, dtype: jnp.dtype, power_of_two: bool) -> Block
     return BlockQuantized(values.reshape(padded.shape)[..., :k, :n], scales)
 
 
+def line_scales(q: QTensor) -> jax.Array:
+    """q's scales with one entry per line: [..., ceil(c/128), lines]."""
+    return jnp.repeat(q.scales, q.line_block, axis=-1)[..., : q.values.shape[-2]]
+
+
 def dequantize(q: QTensor) -> jax.Array:
-    """QTensor -> fp32 [..., rows, c]."""
+    """QTensor -> fp32 [..., lines, c]."""
     c = q.values.shape[-1]
-    scales = jnp.repeat(jnp.swapaxes(q.scales, -1, -2), TILE, axis=-1)[..., :c]
+    scales = jnp.repeat(jnp.swapaxes(line_scales(q), -1, -2), TILE, axis=-1)[..., :c]
     return q.values.astype(jnp.float32) * scales
 
 

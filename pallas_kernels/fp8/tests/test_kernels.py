@@ -67,18 +67,20 @@ def _grouped_inputs(seed, sizes, rows=300, k=136, n=72):
     return jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes, jnp.int32), jnp.asarray(dy)
 
 
-# (fused quantisation, activation dtype, recipe): e5m2 gradients run the kernels' mixed-format dot.
+# (fused quantisation, activation dtype, recipe, tiles): e5m2 gradients run the kernels' mixed-format dot; 256-wide
+# column tiles span two weight blocks, so the weight's scales go per line instead of one per tile.
 DENSE_CASES = [
-    (False, jnp.float32, Fp8Recipe()),
-    (True, jnp.bfloat16, Fp8Recipe(gradient_format="float8_e5m2", power_of_two_scales=True)),
+    (False, jnp.float32, Fp8Recipe(), SMALL),
+    (True, jnp.bfloat16, Fp8Recipe(gradient_format="float8_e5m2", power_of_two_scales=True), SMALL),
+    (False, jnp.float32, Fp8Recipe(), KernelConfig(block_m=16, block_n=256)),
 ]
 
 
-@pytest.mark.parametrize("fused, dtype, recipe", DENSE_CASES)
-def test_dense_kernels_match_the_emulated_recipe(fused, dtype, recipe, seed):
+@pytest.mark.parametrize("fused, dtype, recipe, config", DENSE_CASES)
+def test_dense_kernels_match_the_emulated_recipe(fused, dtype, recipe, config, seed):
     """M 200, K 300, N 136: partial tiles along every dimension; only the fp32 summation order may differ."""
     x, w, dy = _dense_inputs(seed, dtype)
-    got = _dense(TritonBackend(fuse_quantization=fused, interpret=True, config=SMALL), recipe, x, w, dy)
+    got = _dense(TritonBackend(fuse_quantization=fused, interpret=True, config=config), recipe, x, w, dy)
     want = _dense(Emulated(), recipe, x, w, dy)
     _assert_close(got, want, 1e-5 if dtype == jnp.float32 else 1e-2, ("y", "dx", "dw"), seed)
 

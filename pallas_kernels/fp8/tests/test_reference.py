@@ -12,6 +12,7 @@ from pallas_kernels.fp8.reference import (
     dequantize,
     dequantize_grouped_columns,
     group_tiles,
+    line_scales,
     quantize_blocks,
     quantize_grouped_columns,
     quantize_rows,
@@ -63,11 +64,11 @@ def test_weight_blocks_match_float64_exactly(fmt, seed):
         np.testing.assert_array_equal(np.asarray(q.values[e], np.float64), values, err_msg=f"seed={seed}")
         # Both GEMM layouts of the weight carry the same blocks.
         for operand, transpose in ((q.input_side(), True), (q.output_side(), False)):
-            values_e, scales_e = (np.asarray(a[e]) for a in operand)
-            per_element = _expand(scales_e.T, values_e.shape[1])
+            values_e = np.asarray(operand.values[e], np.float64)
+            per_element = _expand(np.asarray(line_scales(operand)[e]).T, values_e.shape[1])
             if transpose:
                 values_e, per_element = values_e.T, per_element.T
-            np.testing.assert_array_equal(values_e.astype(np.float64), values, err_msg=f"seed={seed}")
+            np.testing.assert_array_equal(values_e, values, err_msg=f"seed={seed}")
             np.testing.assert_array_equal(per_element, scales, err_msg=f"seed={seed}")
 
 
