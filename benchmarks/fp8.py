@@ -68,9 +68,9 @@ E4M3 = jnp.dtype("float8_e4m3fn")
 DENSE_SHAPES = [(16384, 2048, 6144), (32768, 2048, 2048), (16384, 4096, 12288)]
 GROUPED_SHAPES = [(131072, 2048, 1024, 256), (131072, 512, 2048, 256)]  # rows, K, N, experts
 QUICK_DENSE, QUICK_GROUPED = [(512, 384, 256)], [(1024, 256, 128, 8)]
-SWEEP = [  # block_m, block_n, num_warps, num_stages; 256-wide tiles hold two fp32 accumulators of 32K values each
-    (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4),
-    (64, 256, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 256, 8, 2), (256, 64, 8, 3),
+SWEEP = [  # block_m, block_n, num_warps, num_stages, k_unroll; 256-wide tiles need two 32K-value fp32 accumulators
+    (128, 128, 8, 3, 1), (128, 128, 8, 3, 2), (128, 128, 8, 4, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1),
+    (128, 64, 4, 4, 2), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 2, 2),
 ]  # fmt: skip
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
@@ -372,11 +372,11 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
     per_call_s = budget_s / len(calls)  # each kernel call gets its share; the first config always runs
     for key, label, kernel, args, flops in calls:
         best, start = None, time.perf_counter()
-        for index, (bm, bn, warps, stages) in enumerate(SWEEP):
+        for index, (bm, bn, warps, stages, unroll) in enumerate(SWEEP):
             if index and time.perf_counter() - start > per_call_s:
                 print(f"sweep: {label}: time share spent after {index} configs", flush=True)
                 break
-            cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+            cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, k_unroll=unroll)
             record = {"section": "sweep", "kernel": label, "config": dataclasses.asdict(cfg)}
             attempt(results, record, functools.partial(sweep_case, kernel, cfg, args, flops, reps))
             if "ms" in record and (best is None or record["ms"] < best[1]):
@@ -388,7 +388,7 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
     print("TUNED_CONFIGS: dict[tuple[str, int, int], KernelConfig] = {")
     for key, (cfg, ms) in winners.items():
         print(f"    {key!r}: KernelConfig(block_m={cfg.block_m}, block_n={cfg.block_n}, num_warps={cfg.num_warps}, "
-              f"num_stages={cfg.num_stages}),  # {ms:.3f} ms")  # fmt: skip
+              f"num_stages={cfg.num_stages}, k_unroll={cfg.k_unroll}),  # {ms:.3f} ms")  # fmt: skip
     print("}")
 
 

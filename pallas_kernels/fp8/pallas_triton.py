@@ -4,9 +4,10 @@ Why Triton lowering: on JAX 0.11 a `pallas_call` with BlockSpecs lowers through 
 FP8 operands of one format with an fp32 accumulator (Hopper: FP8 wgmma), and the same kernels run on CPU in
 interpret mode for the tests.
 
-Every kernel runs one inner step per 128-wide contraction block (`_accumulate`): an FP8 x FP8 dot into a fresh
-fp32 accumulator, multiplied by the scales of its rows (A) and columns (B) and added to the fp32 result. The scales
-change every 128 contraction elements, so they are applied per block, in registers, not after the loop.
+Every kernel runs one inner step per 128-wide contraction block (`_scaled_dot`, summed by `_sum_blocks`): an
+FP8 x FP8 dot into a fresh fp32 accumulator, multiplied by the scales of its rows (A) and columns (B) and added to
+the fp32 result. The scales change every 128 contraction elements, so they are applied per block, in registers,
+not after the loop.
 
 Operands come in two forms (see reference.py for the recipe and the layout):
   pre-quantised  `QTensor` / `GroupedColumns`: FP8 values with the contraction dimension last (the K-major layout
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -54,16 +56,23 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     group_m: int = 8  # dense: row tiles visited together so that the programs in flight share B tiles in L2
+    k_unroll: int = 1  # contraction blocks whose dots are issued before folding (2: fold one while the next runs)
     debug: bool = False  # print each kernel's Triton IR when it is lowered (what the GPU test reads)
 
 
-DEFAULT_CONFIGS = {"dense": KernelConfig(), "rows": KernelConfig(), "contract": KernelConfig()}
-# (kernel, contraction size, output columns) -> config, measured on the GPU by benchmarks/fp8.py --sweep.
+DEFAULT_CONFIG = KernelConfig()
+# Raw bf16 / fp32 tiles take 2-4x the shared memory of FP8 ones per pipeline stage.
+DEFAULT_FUSED_CONFIG = KernelConfig(num_stages=2)
+# (kernel, contraction size, output columns) -> config for pre-quantised operands, measured on the GPU by
+# benchmarks/fp8.py --sweep.
 TUNED_CONFIGS: dict[tuple[str, int, int], KernelConfig] = {}
 
 
-def kernel_config(kernel: str, contraction: int, columns: int) -> KernelConfig:
-    return TUNED_CONFIGS.get((kernel, contraction, columns), DEFAULT_CONFIGS[kernel])
+def kernel_config(kernel: str, contraction: int, columns: int, *operands: Any) -> KernelConfig:
+    """The config of a kernel call ("dense", "rows" or "contract") from its shape and operands."""
+    if any(isinstance(op, RawOperand) for op in operands):
+        return DEFAULT_FUSED_CONFIG
+    return TUNED_CONFIGS.get((kernel, contraction, columns), DEFAULT_CONFIG)
 
 
 class RawOperand(NamedTuple):
@@ -170,10 +179,10 @@ def _load(op: _Operand, values_ref, scale_ref, lead: tuple, lines, k_start, scal
     return tile, scale_ref[(*lead, scale_index, lines)]
 
 
-def _accumulate(acc, a_op: _Operand, a, a_scale, b_op: _Operand, b, b_scale):
-    """acc + (a . b over the contraction) * a_scale[:, None] * b_scale[None, :] (a scalar scale: one per tile).
+def _scaled_dot(a_op: _Operand, a, a_scale, b_op: _Operand, b, b_scale) -> tuple[jax.Array, jax.Array]:
+    """One contraction block: (a . b in fp32, the scale to multiply it by: a_scale[:, None] * b_scale[None, :]).
 
-    With a block-scaled weight this is one FMA per accumulator element, with two scale vectors a product more.
+    A scalar scale (a block-scaled weight tile) leaves one FMA per accumulator element to fold the block in.
     """
     if a.dtype != b.dtype:  # e4m3 x e5m2 gradients: Triton's dot takes one type; bf16 holds both exactly
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
@@ -181,7 +190,31 @@ def _accumulate(acc, a_op: _Operand, a, a_scale, b_op: _Operand, b, b_scale):
     part = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
     rows = a_scale[:, None] if a_scale.ndim else a_scale
     columns = b_scale[None, :] if b_scale.ndim else b_scale
-    return acc + part * (rows * columns)
+    return part, rows * columns
+
+
+def _fold(acc: jax.Array, part: jax.Array, scale: jax.Array) -> jax.Array:
+    return acc + part * scale
+
+
+def _sum_blocks(start, stop, block: Callable, acc: jax.Array, unroll: int) -> jax.Array:
+    """acc + Σ_{i in [start, stop)} part_i * scale_i with (part_i, scale_i) = block(i), in order of i.
+
+    unroll=2 issues the dots of two blocks before folding either, so that the first fold (CUDA cores) can overlap
+    the second dot (tensor cores) instead of waiting for it; the sum is the same.
+    """
+    if unroll == 1:
+        return jax.lax.fori_loop(start, stop, lambda i, acc: _fold(acc, *block(i)), acc)
+
+    def pair(j, acc):
+        first, second = block(start + 2 * j), block(start + 2 * j + 1)
+        return _fold(_fold(acc, *first), *second)
+
+    acc = jax.lax.fori_loop(0, (stop - start) // 2, pair, acc)
+    if isinstance(start, int) and isinstance(stop, int):
+        return _fold(acc, *block(stop - 1)) if (stop - start) % 2 else acc
+    odd = (stop - start) % 2 == 1
+    return jax.lax.cond(odd, lambda acc: _fold(acc, *block(stop - 1)), lambda acc: acc, acc)
 
 
 def _params(cfg: KernelConfig) -> plgpu.CompilerParams:
@@ -190,18 +223,18 @@ def _params(cfg: KernelConfig) -> plgpu.CompilerParams:
 
 # --------------------------------------------------------------------------------------------------------------
 # Dense: C [M, N] = A [M, c] . B [N, c]^T.
-def _dense_kernel(*refs, a_op: _Operand, b_op: _Operand, interpret: bool):
+def _dense_kernel(*refs, a_op: _Operand, b_op: _Operand, unroll: int, interpret: bool):
     ((a_ref, a_scale), (b_ref, b_scale)), (o_ref,) = _split_refs(refs, a_op, b_op)
     bm, bn = o_ref.shape
     steps = a_ref.shape[a_op.contraction_axis] // TILE
 
-    def step(kb, acc):
+    def block(kb):
         k0 = pl.multiple_of(kb * TILE, TILE)
         a, sa = _load(a_op, a_ref, a_scale, (), pl.ds(0, bm), k0, kb, None, interpret)
         b, sb = _load(b_op, b_ref, b_scale, (), pl.ds(0, bn), k0, kb, None, interpret)
-        return _accumulate(acc, a_op, a, sa, b_op, b, sb)
+        return _scaled_dot(a_op, a, sa, b_op, b, sb)
 
-    o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32)).astype(o_ref.dtype)
+    o_ref[...] = _sum_blocks(0, steps, block, jnp.zeros((bm, bn), jnp.float32), unroll).astype(o_ref.dtype)
 
 
 def _swizzled(program: jax.Array, m_tiles: int, n_tiles: int, group: int) -> tuple[jax.Array, jax.Array]:
@@ -230,7 +263,7 @@ def dense_gemm(a: Any, b: Any, out_dtype: jnp.dtype, cfg: KernelConfig | None = 
     m_lines = a.data.shape[1 - a.contraction_axis] if isinstance(a, RawOperand) else a.values.shape[0]
     n_lines = b.data.shape[1 - b.contraction_axis] if isinstance(b, RawOperand) else b.values.shape[0]
     c_size = a.data.shape[a.contraction_axis] if isinstance(a, RawOperand) else a.values.shape[1]
-    cfg = cfg or kernel_config("dense", c_size, n_lines)
+    cfg = cfg or kernel_config("dense", c_size, n_lines, a, b)
     bm, bn = _block(m_lines, cfg.block_m), _block(n_lines, cfg.block_n)
     a_op, a_arrays, m = _prepare(a, bm)
     b_op, b_arrays, n = _prepare(b, bn)
@@ -238,7 +271,7 @@ def dense_gemm(a: Any, b: Any, out_dtype: jnp.dtype, cfg: KernelConfig | None = 
     m_tiles, n_tiles = -(-m // bm), -(-n // bn)
     tiles = functools.partial(_swizzled, m_tiles=m_tiles, n_tiles=n_tiles, group=min(cfg.group_m, m_tiles))
     out = pl.pallas_call(
-        functools.partial(_dense_kernel, a_op=a_op, b_op=b_op, interpret=interpret),
+        functools.partial(_dense_kernel, a_op=a_op, b_op=b_op, unroll=cfg.k_unroll, interpret=interpret),
         grid=(m_tiles * n_tiles,),
         in_specs=[
             *_operand_specs(a_op, c, bm, lambda p: tiles(p)[0]),
@@ -256,7 +289,8 @@ def dense_gemm(a: Any, b: Any, out_dtype: jnp.dtype, cfg: KernelConfig | None = 
 
 # --------------------------------------------------------------------------------------------------------------
 # Grouped, by rows: out [rows, N], row r of group g = A[r] . B[g]^T.
-def _rows_kernel(tile_group_ref, tile_block_ref, bounds_ref, *refs, a_op, b_op, bm, bn, num_groups, interpret):
+def _rows_kernel(tile_group_ref, tile_block_ref, bounds_ref, *refs, a_op, b_op, bm, bn, num_groups, unroll,
+                 interpret):  # fmt: skip
     ((a_ref, a_scale), (b_ref, b_scale)), (o_ref,) = _split_refs(refs, a_op, b_op)
     tile, col = pl.program_id(0), pl.program_id(1)
     group = tile_group_ref[tile]
@@ -265,23 +299,23 @@ def _rows_kernel(tile_group_ref, tile_block_ref, bounds_ref, *refs, a_op, b_op, 
     rows = row0 + jnp.arange(bm, dtype=jnp.int32)
     inside = (rows >= bounds_ref[known]) & (rows < bounds_ref[known + 1]) & (group <= num_groups)
     mask = jnp.broadcast_to(inside[:, None], (bm, bn))
-    block = o_ref.at[pl.ds(row0, bm), pl.ds(col * bn, bn)]
+    out_tile = o_ref.at[pl.ds(row0, bm), pl.ds(col * bn, bn)]
     steps = a_ref.shape[1] // TILE
 
     @pl.when(group < num_groups)
     def _():
-        def step(kb, acc):
+        def block(kb):
             k0 = pl.multiple_of(kb * TILE, TILE)
             a, sa = _load(a_op, a_ref, a_scale, (), pl.ds(row0, bm), k0, kb, None, interpret)
             b, sb = _load(b_op, b_ref, b_scale, (group,), pl.ds(col * bn, bn), k0, kb, None, interpret)
-            return _accumulate(acc, a_op, a, sa, b_op, b, sb)
+            return _scaled_dot(a_op, a, sa, b_op, b, sb)
 
-        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
-        plgpu.store(block, acc.astype(o_ref.dtype), mask=mask)
+        acc = _sum_blocks(0, steps, block, jnp.zeros((bm, bn), jnp.float32), unroll)
+        plgpu.store(out_tile, acc.astype(o_ref.dtype), mask=mask)
 
     @pl.when(group == num_groups)
     def _():
-        plgpu.store(block, jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
+        plgpu.store(out_tile, jnp.zeros((bm, bn), o_ref.dtype), mask=mask)
 
 
 def grouped_rows_gemm(
@@ -291,7 +325,7 @@ def grouped_rows_gemm(
     """A [rows, c] (QTensor or RawOperand, rows sorted by group) with B [G, N, c] -> [rows, N]; rows past
     sum(group_sizes) are zero."""
     rows, n_lines = (a.data if isinstance(a, RawOperand) else a.values).shape[0], b.values.shape[1]
-    cfg = cfg or kernel_config("rows", b.values.shape[2], n_lines)
+    cfg = cfg or kernel_config("rows", b.values.shape[2], n_lines, a)
     bm, bn = _block(rows, cfg.block_m), _block(n_lines, cfg.block_n)
     a_op, a_arrays, _ = _prepare(a, bm)
     b_op, b_arrays, n = _prepare(b, bn)
@@ -299,7 +333,14 @@ def grouped_rows_gemm(
     tiles = group_tiles(group_sizes, padded_rows, bm)
     out = pl.pallas_call(
         functools.partial(
-            _rows_kernel, a_op=a_op, b_op=b_op, bm=bm, bn=bn, num_groups=num_groups, interpret=interpret
+            _rows_kernel,
+            a_op=a_op,
+            b_op=b_op,
+            bm=bm,
+            bn=bn,
+            num_groups=num_groups,
+            unroll=cfg.k_unroll,
+            interpret=interpret,
         ),  # fmt: skip
         grid=(tiles.tile_group.shape[0], -(-n // bn)),
         out_shape=jax.ShapeDtypeStruct((padded_rows, b_arrays[0].shape[1]), out_dtype),
@@ -313,12 +354,12 @@ def grouped_rows_gemm(
 
 # --------------------------------------------------------------------------------------------------------------
 # Grouped, by contraction over each group's rows: out [G, K, N] = Σ_{rows r of g} A[:, r] B[:, r]^T.
-def _contract_kernel(first_tile_ref, tile_block_ref, bounds_ref, *refs, a_op, b_op, bk, bn, interpret):
+def _contract_kernel(first_tile_ref, tile_block_ref, bounds_ref, *refs, a_op, b_op, bk, bn, unroll, interpret):
     ((a_ref, a_scale), (b_ref, b_scale)), (o_ref,) = _split_refs(refs, a_op, b_op)
     group, kt, nt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lo, hi = bounds_ref[group], bounds_ref[group + 1]
 
-    def step(t, acc):
+    def block(t):
         row0 = pl.multiple_of(tile_block_ref[t] * TILE, TILE)
         rows = row0 + jnp.arange(TILE, dtype=jnp.int32)
         keep = (rows >= lo) & (rows < hi)
@@ -326,9 +367,10 @@ def _contract_kernel(first_tile_ref, tile_block_ref, bounds_ref, *refs, a_op, b_
         # Zeroing one pre-quantised operand outside the group is enough; a raw one needs it for its amax.
         b_keep = keep if b_op.raw else None
         b, sb = _load(b_op, b_ref, b_scale, (), pl.ds(nt * bn, bn), row0, t, b_keep, interpret)
-        return _accumulate(acc, a_op, a, sa, b_op, b, sb)
+        return _scaled_dot(a_op, a, sa, b_op, b, sb)
 
-    acc = jax.lax.fori_loop(first_tile_ref[group], first_tile_ref[group + 1], step, jnp.zeros((bk, bn), jnp.float32))
+    first, stop = first_tile_ref[group], first_tile_ref[group + 1]
+    acc = _sum_blocks(first, stop, block, jnp.zeros((bk, bn), jnp.float32), unroll)
     o_ref[0] = acc.astype(o_ref.dtype)
 
 
@@ -341,14 +383,16 @@ def grouped_contract_gemm(
     k_lines = a.data.shape[1] if isinstance(a, RawOperand) else a.values.shape[0]
     n_lines = b.data.shape[1] if isinstance(b, RawOperand) else b.values.shape[0]
     rows = a.data.shape[0] if isinstance(a, RawOperand) else a.values.shape[1]
-    cfg = cfg or kernel_config("contract", rows, n_lines)
+    cfg = cfg or kernel_config("contract", rows, n_lines, a, b)
     bk, bn = _block(k_lines, cfg.block_m), _block(n_lines, cfg.block_n)
     a_op, a_arrays, k = _prepare(a, bk)
     b_op, b_arrays, n = _prepare(b, bn)
     padded_k = a_arrays[0].shape[1 if a_op.raw else 0]
     padded_n = b_arrays[0].shape[1 if b_op.raw else 0]
     out = pl.pallas_call(
-        functools.partial(_contract_kernel, a_op=a_op, b_op=b_op, bk=bk, bn=bn, interpret=interpret),
+        functools.partial(
+            _contract_kernel, a_op=a_op, b_op=b_op, bk=bk, bn=bn, unroll=cfg.k_unroll, interpret=interpret
+        ),
         grid=(num_groups, padded_k // bk, padded_n // bn),
         out_specs=pl.BlockSpec((1, bk, bn), lambda g, i, j: (g, i, j)),
         out_shape=jax.ShapeDtypeStruct((num_groups, padded_k, padded_n), out_dtype),

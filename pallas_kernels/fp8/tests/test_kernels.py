@@ -19,6 +19,7 @@ from pallas_kernels.fp8.reference import Emulated, OpConfig, fp8_grouped_matmul,
 from pallas_kernels.fp8.tests import fp8_testing as ref64
 
 SMALL = KernelConfig(block_m=32, block_n=32)  # several programs per dimension even on tiny shapes
+PAIRED = KernelConfig(block_m=32, block_n=32, k_unroll=2)  # contraction blocks folded in pairs (+ an odd one)
 ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (compiled Triton kernels)")
 
 
@@ -71,7 +72,7 @@ def _grouped_inputs(seed, sizes, rows=300, k=136, n=72):
 # column tiles span two weight blocks, so the weight's scales go per line instead of one per tile.
 DENSE_CASES = [
     (False, jnp.float32, Fp8Recipe(), SMALL),
-    (True, jnp.bfloat16, Fp8Recipe(gradient_format="float8_e5m2", power_of_two_scales=True), SMALL),
+    (True, jnp.bfloat16, Fp8Recipe(gradient_format="float8_e5m2", power_of_two_scales=True), PAIRED),
     (False, jnp.float32, Fp8Recipe(), KernelConfig(block_m=16, block_n=256)),
 ]
 
@@ -85,11 +86,12 @@ def test_dense_kernels_match_the_emulated_recipe(fused, dtype, recipe, config, s
     _assert_close(got, want, 1e-5 if dtype == jnp.float32 else 1e-2, ("y", "dx", "dw"), seed)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_grouped_kernels_match_the_emulated_recipe(fused, seed):
-    """Empty groups, groups across tile boundaries, and 20 padding rows past sum(group_sizes)."""
+@pytest.mark.parametrize("fused, config", [(False, SMALL), (True, PAIRED)])
+def test_grouped_kernels_match_the_emulated_recipe(fused, config, seed):
+    """Empty groups, groups across tile boundaries (drhs: groups of 1 and 2 column tiles), and 20 padding rows
+    past sum(group_sizes)."""
     lhs, rhs, sizes, dy = _grouped_inputs(seed, [0, 100, 150, 0, 30])
-    backend = TritonBackend(fuse_quantization=fused, interpret=True, config=SMALL)
+    backend = TritonBackend(fuse_quantization=fused, interpret=True, config=config)
     got = _grouped(backend, Fp8Recipe(), lhs, rhs, sizes, dy)
     want = _grouped(Emulated(), Fp8Recipe(), lhs, rhs, sizes, dy)
     _assert_close(got, want, 1e-5, ("out", "dlhs", "drhs"), seed)
