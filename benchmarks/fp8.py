@@ -4,6 +4,7 @@
     python benchmarks/fp8.py --sweep    # tile-config search per kernel and shape (time-boxed by --sweep_budget_s);
                                         # prints the winners and a TUNED_CONFIGS literal for pallas_triton.py
     python benchmarks/fp8.py --quick    # small shapes, to try the script
+    python benchmarks/fp8.py --sections dense      # a subset of check,dense,grouped
 
 1. Correctness first: both native routes ("pallas_triton": activations quantised by XLA; "pallas_triton_fused":
    quantised in the kernel) against the emulated recipe on the GPU, forward and every gradient, dense and grouped,
@@ -414,7 +415,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="search tile configs instead of the timing tables")
     parser.add_argument("--sweep_budget_s", type=float, default=200.0)
     parser.add_argument("--quick", action="store_true", help="small shapes")
-    parser.add_argument("--skip_check", action="store_true")
+    parser.add_argument("--sections", default="check,dense,grouped", help="comma-separated subset to run")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json_out", default="")
     parser.add_argument("--interpret", action="store_true", help="kernels in interpret mode (CPU dry run)")
@@ -427,11 +428,12 @@ def main() -> None:
     if args.sweep:
         sweep(results, dense_shapes, grouped_shapes, max(5, args.reps // 2), args.sweep_budget_s)
     else:
-        if not args.skip_check:
+        sections = args.sections.split(",")
+        if "check" in sections:
             check(results)
-        for shape in dense_shapes:
+        for shape in dense_shapes if "dense" in sections else ():
             time_dense_shape(results, *shape, args.reps)
-        for shape in grouped_shapes:
+        for shape in grouped_shapes if "grouped" in sections else ():
             time_grouped_shape(results, *shape, args.reps)
         print_tables(results)
     out = args.json_out or (os.path.join(os.environ["OUT"], "fp8.json") if os.environ.get("OUT") else "")

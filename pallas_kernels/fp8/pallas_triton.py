@@ -341,7 +341,7 @@ def grouped_rows_gemm(
             num_groups=num_groups,
             unroll=cfg.k_unroll,
             interpret=interpret,
-        ),  # fmt: skip
+        ),
         grid=(tiles.tile_group.shape[0], -(-n // bn)),
         out_shape=jax.ShapeDtypeStruct((padded_rows, b_arrays[0].shape[1]), out_dtype),
         compiler_params=_params(cfg),
