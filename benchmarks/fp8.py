@@ -1,4 +1,4 @@
-"""Blockwise FP8 GEMMs on one GPU: our Pallas (Triton-lowered) kernels vs bf16, timed in the same run.
+"""Blockwise FP8 GEMMs on one GPU: our Pallas kernels (Triton-lowered; Mosaic GPU for dense) vs bf16, same run.
 
     python benchmarks/fp8.py            # 1. native vs emulated on the GPU, 2. timings and errors (~3 min)
     python benchmarks/fp8.py --sweep    # tile-config search per kernel and shape (time-boxed by --sweep_budget_s);
@@ -6,15 +6,17 @@
     python benchmarks/fp8.py --quick    # small shapes, to try the script
     python benchmarks/fp8.py --sections dense      # a subset of check,dense,grouped
 
-1. Correctness first: both native routes ("pallas_triton": activations quantised by XLA; "pallas_triton_fused":
-   quantised in the kernel) against the emulated recipe on the GPU, forward and every gradient, dense and grouped,
-   odd shapes (partial tiles, empty groups, padding rows). A failing case is reported and the script goes on.
+1. Correctness first: the native routes ("pallas_triton": activations quantised by XLA; "pallas_triton_fused":
+   quantised in the kernel; "pallas_mosaic_gpu": dense GEMMs on Mosaic GPU) against the emulated recipe on the
+   GPU, forward and every gradient, dense and grouped, odd shapes (partial tiles, empty groups, padding rows).
+   A failing case is reported and the script goes on.
 2. Per shape and GEMM (dense: fwd y = x w, dgrad dx = dy w^T, wgrad dw = x^T dy; grouped: fwd, dlhs, drhs):
      bf16      jnp.dot in bf16 (cuBLAS) / the model's bf16 grouped matmul (tokamax when installed)
      kernel    our FP8 kernel on pre-quantised operands: the GEMM alone
      +quant    the kernel plus the XLA quantisation of its activation / gradient operands (the weight's is
                excluded: it is quantised once per step for two GEMMs; its pass has its own line)
      fused     the kernel quantising raw activations / gradients in registers
+     Mosaic    (dense) the Pallas Mosaic GPU kernel (pallas_mosaic_gpu.py) on the pre-quantised operands
    speed-up = bf16 ms / FP8 ms; error = relative Frobenius error vs the fp32 product (grouped: over 4 groups).
    Then the whole op, forward + backward (jax.vjp), FP8 routes vs bf16: what a layer sees.
 Dense shapes [M, K] x [K, N]: the issue's three. Grouped: Ring-mini's MoE (16384 tokens x top-8 = 131072 rows,
@@ -43,6 +45,7 @@ import numpy as np
 
 from benchmarks.profiling import median_ms
 from pallas_kernels.fp8 import Fp8Recipe
+from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig, dense_gemm_mosaic
 from pallas_kernels.fp8.pallas_triton import (
     KernelConfig,
     RawOperand,
@@ -73,12 +76,14 @@ SWEEP = [  # block_m, block_n, num_warps, num_stages, k_unroll; 256-wide tiles n
     (128, 128, 8, 3, 1), (128, 128, 8, 3, 2), (128, 128, 8, 4, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1),
     (128, 64, 4, 4, 2), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 2, 2),
 ]  # fmt: skip
+MOSAIC_SWEEP = [(128, 4), (256, 3), (64, 6)]  # tile_n, max_concurrent_steps
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
 
 def routes() -> dict[str, TritonBackend]:
     return {"pallas_triton": TritonBackend(interpret=INTERPRET),
-            "pallas_triton_fused": TritonBackend(fuse_quantization=True, interpret=INTERPRET)}  # fmt: skip
+            "pallas_triton_fused": TritonBackend(fuse_quantization=True, interpret=INTERPRET),
+            "pallas_mosaic_gpu": MosaicBackend(interpret=INTERPRET)}  # fmt: skip
 
 
 def dense(a, b, out_dtype, cfg=None):
@@ -205,8 +210,16 @@ def dense_gemm_case(name: str, x, w, dy, wq, reps: int) -> dict:
     fused_ms = median_ms(fused, x, wq, dy, reps=reps)
     exact = jax.jit(lambda *t: bf16_fn(*(v.astype(jnp.float32) for v in t)))(x, w, dy)
     flops = 2 * x.shape[0] * x.shape[1] * w.shape[1]
-    return {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": rel_err(kernel(a, b), exact),
-            "bf16_error": rel_err(bf16(x, w16, dy), exact)}  # fmt: skip
+    row = {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": rel_err(kernel(a, b), exact),
+           "bf16_error": rel_err(bf16(x, w16, dy), exact)}  # fmt: skip
+    try:  # the Mosaic GPU kernel on the same pre-quantised operands
+        mosaic = jax.jit(lambda a, b: dense_gemm_mosaic(a, b, jnp.bfloat16, interpret=INTERPRET))
+        row["mosaic_ms"] = median_ms(mosaic, a, b, reps=reps)
+        row["speedup_mosaic"] = bf16_ms / row["mosaic_ms"]
+        row["mosaic_vs_triton_error"] = rel_err(mosaic(a, b), kernel(a, b))
+    except Exception as e:  # noqa: BLE001 - report and go on
+        row["mosaic_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return row
 
 
 def per_tensor_fp8_case(x, w, reps: int) -> dict:
@@ -227,11 +240,15 @@ def fwd_bwd_ms(fn: Callable, args: tuple, reps: int) -> float:
 
 
 def op_case(bf16_fn: Callable, fp8_fn: Callable, args: tuple, reps: int) -> dict:
-    """Forward + backward of the whole op: bf16 vs each FP8 route (fp8_fn(backend) -> op)."""
+    """Forward + backward of the whole op: bf16 vs each FP8 route (fp8_fn(backend) -> op); a failing route is
+    recorded and the others still run."""
     out = {"bf16_ms": fwd_bwd_ms(bf16_fn, args, reps)}
     for route, backend in routes().items():
-        out[f"{route}_ms"] = fwd_bwd_ms(fp8_fn(backend), args, reps)
-        out[f"{route}_speedup"] = out["bf16_ms"] / out[f"{route}_ms"]
+        try:
+            out[f"{route}_ms"] = fwd_bwd_ms(fp8_fn(backend), args, reps)
+            out[f"{route}_speedup"] = out["bf16_ms"] / out[f"{route}_ms"]
+        except Exception as e:  # noqa: BLE001 - report and go on
+            out[f"{route}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     return out
 
 
@@ -385,6 +402,14 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
         if best is not None:
             winners[key] = best
             print(f"sweep: {label}: best {best[0]} at {best[1]:.3f} ms ({flops / best[1] / 1e9:.0f} TFLOP/s)")
+        if key[0] == "dense":
+            mosaic = lambda cfg, a, b: dense_gemm_mosaic(a, b, jnp.bfloat16, cfg, interpret=INTERPRET)
+            for tile_n, steps in MOSAIC_SWEEP:
+                cfg = MosaicConfig(tile_n=tile_n, max_concurrent_steps=steps)
+                record = {"section": "sweep", "kernel": f"{label} (Mosaic GPU)", "config": dataclasses.asdict(cfg)}
+                attempt(results, record, functools.partial(sweep_case, mosaic, cfg, args, flops, reps))
+                if "ms" in record:
+                    print(f"sweep: {label}: Mosaic GPU {cfg} {record['ms']:.3f} ms ({record['tflops']:.0f} TFLOP/s)")
     print("\n# paste into pallas_kernels/fp8/pallas_triton.py")
     print("TUNED_CONFIGS: dict[tuple[str, int, int], KernelConfig] = {")
     for key, (cfg, ms) in winners.items():
@@ -394,14 +419,19 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
 
 
 def print_tables(results: list[dict]) -> None:
-    print("\n| section | GEMM | shape | bf16 ms | FP8 kernel ms | +quant ms | fused ms | speed-up kernel / +quant / "
-          "fused | FP8 TFLOP/s | FP8 err | bf16 err |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("\n| section | GEMM | shape | bf16 ms | FP8 kernel ms | +quant ms | fused ms | Mosaic ms | speed-up kernel / "
+          "+quant / fused / Mosaic | FP8 TFLOP/s | FP8 err | bf16 err |\n|---|---|---|---|---|---|---|---|---|---|---|"
+          "---|")  # fmt: skip
+    nan = float("nan")
     for r in results:
         if "speedup_kernel" in r:
             print(f"| {r['section']} | {r['gemm']} | {r['shape']} | {r['bf16_ms']:.3f} | {r['fp8_kernel_ms']:.3f} | "
-                  f"{r['fp8_with_quant_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup_kernel']:.2f} / "
-                  f"{r['speedup_with_quant']:.2f} / {r['speedup_fused']:.2f} | {r['fp8_kernel_tflops']:.0f} | "
-                  f"{r['fp8_error']:.2e} | {r.get('bf16_error', float('nan')):.2e} |")  # fmt: skip
+                  f"{r['fp8_with_quant_ms']:.3f} | {r['fused_ms']:.3f} | {r.get('mosaic_ms', nan):.3f} | "
+                  f"{r['speedup_kernel']:.2f} / {r['speedup_with_quant']:.2f} / {r['speedup_fused']:.2f} / "
+                  f"{r.get('speedup_mosaic', nan):.2f} | {r['fp8_kernel_tflops']:.0f} | {r['fp8_error']:.2e} | "
+                  f"{r.get('bf16_error', nan):.2e} |")  # fmt: skip
+            if "mosaic_error" in r:
+                print(f"|  | Mosaic GPU kernel failed: {r['mosaic_error']} |")
     print("\n| section | what | shape | result |\n|---|---|---|---|")
     for r in results:
         if "speedup_kernel" not in r:

@@ -8,6 +8,8 @@ Implementations:
                          quantised by an XLA pass (fused by XLA with whatever produced them) before the kernel.
   "pallas_triton_fused"  the same kernels quantising the bf16 / fp32 activation and gradient tiles in registers
                          (no FP8 copy in memory; the quantisation is redone by every program that reads a tile).
+  "pallas_mosaic_gpu"    the dense GEMMs on a Pallas Mosaic GPU kernel (Hopper: TMA, warp-specialised pipeline,
+                         FP8 wgmma), the grouped ones on the Triton kernels; XLA-quantised activations.
   "*_interpret"          a kernel route in Pallas interpret mode (any backend; slow, for tests).
 None picks per platform: "pallas_triton" on GPU, "reference" elsewhere (CPU, TPU).
 """
@@ -29,6 +31,8 @@ _BACKENDS: dict[str, tuple[str, str, dict]] = {
     "pallas_triton_fused": ("pallas_triton", "TritonBackend", {"fuse_quantization": True}),
     "pallas_triton_interpret": ("pallas_triton", "TritonBackend", {"interpret": True}),
     "pallas_triton_fused_interpret": ("pallas_triton", "TritonBackend", {"fuse_quantization": True, "interpret": True}),
+    "pallas_mosaic_gpu": ("pallas_mosaic_gpu", "MosaicBackend", {}),
+    "pallas_mosaic_gpu_interpret": ("pallas_mosaic_gpu", "MosaicBackend", {"interpret": True}),
 }
 _PLATFORM_DEFAULT = {"gpu": "pallas_triton"}
 IMPLEMENTATIONS = (None, *_BACKENDS)

@@ -2,7 +2,8 @@
 with a custom VJP) and the emulated GEMMs ("reference": quantise -> dequantise -> fp32 GEMM, any platform).
 
 The recipe. Every GEMM operand is quantised along the GEMM's contraction dimension, in tiles of 128, with an fp32
-scale per tile: scale = amax(|tile|) / format max (448 for e4m3fn), values = round-to-nearest-even(x / scale).
+scale per tile: scale = amax(|tile|) / format max (448 for e4m3fn; computed as amax x fp32(1/448), at least the
+smallest normal fp32, optionally rounded up to a power of two), values = round-to-nearest-even(clip(x / scale)).
 Weights use 128 x 128 blocks instead, one scale per block, so the same quantised weight serves both GEMMs it
 takes part in. Partial edge tiles (a dimension that is not a multiple of 128) are scaled by their own amax.
 

@@ -98,6 +98,18 @@ def test_grouped_kernels_match_the_emulated_recipe(fused, config, seed):
     assert np.all(np.asarray(got[0])[280:] == 0) and np.all(np.asarray(got[1])[280:] == 0)
 
 
+@pytest.mark.slow  # Mosaic GPU interpret mode simulates warpgroups and barriers: ~15-80 s on 2 shared cores
+def test_mosaic_dense_kernel_matches_the_emulated_recipe(seed):
+    """The Mosaic GPU dense kernel (Mosaic GPU interpret mode) for y, dx and dw, partial tiles everywhere."""
+    from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig
+
+    x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=200, k=300, n=136)
+    backend = MosaicBackend(interpret=True, mosaic_config=MosaicConfig(tile_n=64, max_concurrent_steps=2))
+    got = _dense(backend, Fp8Recipe(), x, w, dy)
+    _assert_close(got, _dense(Emulated(), Fp8Recipe(), x, w, dy), 1e-2, ("y", "dx", "dw"), seed)
+    assert ref64.relative_error(got[2], _dense(Emulated(), Fp8Recipe(), x, w, dy)[2]) <= 1e-5  # dw is fp32
+
+
 def test_api_names_reach_the_kernels(seed):
     """The api's "*_interpret" names run the kernels (default tile sizes, shrunk to the tiny shapes)."""
     x, w, _ = _dense_inputs(seed, jnp.float32, m=40, k=136, n=24)
