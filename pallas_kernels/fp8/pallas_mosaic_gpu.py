@@ -39,11 +39,18 @@ class MosaicConfig:
     max_concurrent_steps: int = 4
 
 
+# The Mosaic GPU API moves between JAX releases; these spell each construct the way the running version knows it.
 def _transposed(ref):
-    """A 2-D SMEM ref seen transposed (the method on JAX 0.12, plgpu.transpose_ref before)."""
+    """A 2-D SMEM ref seen transposed (a Ref method on JAX 0.12, plgpu.transpose_ref before)."""
     if hasattr(ref, "transpose"):
         return ref.transpose((1, 0))
     return plgpu.transpose_ref(ref, (1, 0))
+
+
+def _vector_layout(axis: int):
+    """Register layout of a vector broadcast along `axis` of a WGMMA tile (0: one value per row, 1: per column)."""
+    name = ("WGMMA_ROW", "WGMMA_COL")[axis]
+    return getattr(plgpu.Layout, name) if hasattr(plgpu.Layout, name) else plgpu.Layout.WGMMA.reduce(1 - axis)
 
 
 def _swizzled(dtype: jnp.dtype, minor: int) -> tuple:
@@ -112,8 +119,8 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: MosaicConfig):
                     return acc_ref[...]
 
                 part = pl.run_scoped(block_product, plgpu.ACC(shape, jnp.float32))
-                sa = plgpu.load(sa_smem.at[0, my_rows], layout=plgpu.Layout.WGMMA.reduce(1))
-                sb = plgpu.load(sb_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(0))
+                sa = plgpu.load(sa_smem.at[0, my_rows], layout=_vector_layout(0))
+                sb = plgpu.load(sb_smem.at[0], layout=_vector_layout(1))
                 scale = lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1])
                 return total + part * scale
 
@@ -145,7 +152,7 @@ def dense_gemm_mosaic(
         num_threads=_COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )(a_values, b_values, a_scales, b_scales)
     return out[:m, :n]
 

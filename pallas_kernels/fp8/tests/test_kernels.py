@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.fp8 import Fp8Recipe, blockwise_grouped_matmul, blockwise_matmul
+from pallas_kernels.fp8 import api as fp8_api
 from pallas_kernels.fp8.pallas_triton import KernelConfig, TritonBackend
 from pallas_kernels.fp8.reference import Emulated, OpConfig, fp8_grouped_matmul, fp8_matmul
 from pallas_kernels.fp8.tests import fp8_testing as ref64
@@ -130,12 +131,12 @@ NATIVE = ["pallas_triton", "pallas_triton_fused"]
 
 @pytest.mark.gpu
 @ON_GPU
-@pytest.mark.parametrize("implementation", NATIVE)
+@pytest.mark.parametrize("implementation", [*NATIVE, "pallas_mosaic_gpu"])
 def test_native_equals_emulated_on_gpu(implementation):
     """Same quantised operands, so native and emulated differ by fp32 summation order (and, fused, by a rare
     rounding tie); both carry the FP8 error against the exact product."""
     seed = 5
-    backend = TritonBackend(fuse_quantization=implementation.endswith("fused"))
+    backend = fp8_api.backend(implementation)
     x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=1000, k=1000, n=520)
     got = _dense(backend, Fp8Recipe(), x, w, dy)
     _assert_close(got, _dense(Emulated(), Fp8Recipe(), x, w, dy), 1e-2, ("y", "dx", "dw"), seed)  # bf16 outputs
