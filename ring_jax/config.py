@@ -21,6 +21,9 @@ from pallas_kernels.lightning.api import FORWARD_IMPLEMENTATIONS
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_IMPLEMENTATIONS = (None, *FORWARD_IMPLEMENTATIONS)
 ROPE_SCALING_TYPES = ("linear", "yarn")
+# "hybrid": the Ring-linear layer plan; "softmax": every layer is GQA softmax attention of the same sizes (the
+# all-softmax baseline of the long-context speed comparison; no HF equivalent).
+ATTENTION_LAYOUTS = ("hybrid", "softmax")
 
 
 class ConfigError(ValueError):
@@ -75,6 +78,7 @@ def model_defaults() -> ml_collections.ConfigDict:
             "gmm_implementation": ml_collections.config_dict.placeholder(str),
             "attention_implementation": ml_collections.config_dict.placeholder(str),
             "mtp_loss_scaling_factor": 0.1,
+            "attention_layout": "hybrid",
         }
     )
 
@@ -88,6 +92,7 @@ RING_JAX_FIELDS = (
     "gmm_implementation",
     "attention_implementation",
     "mtp_loss_scaling_factor",
+    "attention_layout",
 )
 
 
@@ -146,6 +151,7 @@ class ModelConfig:
     gmm_implementation: str | None
     attention_implementation: str | None
     mtp_loss_scaling_factor: float
+    attention_layout: str
 
     @classmethod
     def from_config(cls, section: ml_collections.ConfigDict | dict) -> ModelConfig:
@@ -189,8 +195,11 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def is_softmax_layer(self, layer: int) -> bool:
-        """Spec §1.3: every G-th layer is softmax attention, and so is every tail layer past the last full group."""
+        """Every G-th layer is softmax attention, and so is every tail layer past the last full group (all of them
+        with attention_layout="softmax")."""
         group = self.layer_group_size
+        if self.attention_layout == "softmax":
+            return True
         return (layer + 1) % group == 0 or layer >= (self.num_hidden_layers // group) * group
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -278,6 +287,7 @@ class ModelConfig:
             "lightning_implementation": LIGHTNING_IMPLEMENTATIONS,
             "gmm_implementation": GMM_IMPLEMENTATIONS,
             "attention_implementation": ATTENTION_IMPLEMENTATIONS,
+            "attention_layout": ATTENTION_LAYOUTS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:

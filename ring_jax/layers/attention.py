@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import checkify
 
 from pallas_kernels.attention import causal_attention
 from ring_jax.config import ModelConfig
@@ -21,7 +22,9 @@ class LayerInputs(NamedTuple):
 
     cos, sin: [batch, seq, rotary_dim] fp32; segment_ids: [batch, seq] int or None (packed documents);
     cache_length: int32 scalar, tokens already in the caches (0 without a cache); token_mask: [batch, seq] bool or
-    None, False for padding (routed like any token but not counted in the expert load).
+    None, False for padding (routed like any token but not counted in the expert load); left_padding: [batch] int32
+    or None (with a cache only): the first left_padding cache slots of each row hold padding, which enters neither
+    a lightning state nor a softmax layer's attention.
     """
 
     cos: jax.Array
@@ -29,6 +32,13 @@ class LayerInputs(NamedTuple):
     segment_ids: jax.Array | None
     cache_length: jax.Array | int
     token_mask: jax.Array | None = None
+    left_padding: jax.Array | None = None
+
+    def real_tokens(self, seq: int) -> jax.Array | None:
+        """[batch, seq] bool: False for the left padding of a cached call (None when there is none)."""
+        if self.left_padding is None:
+            return None
+        return jnp.arange(seq)[None, :] + self.cache_length >= self.left_padding[:, None]
 
 
 class KVCache(NamedTuple):
@@ -36,6 +46,26 @@ class KVCache(NamedTuple):
 
     keys: jax.Array
     values: jax.Array
+
+
+def check_cache_room(max_length: int, cache_length: jax.Array | int, seq: int) -> None:
+    """Refuses to write `seq` tokens after `cache_length` into a KV cache of `max_length` slots.
+
+    A chunk longer than the cache fails at trace time; a concrete `cache_length` is checked eagerly. Inside `jit` the
+    length is a tracer: the check is then a `checkify.debug_check`, active when the caller wraps the function in
+    `jax.experimental.checkify.checkify(fn, errors=checkify.user_checks)` (without it, XLA would clamp the write and
+    silently overwrite the last slots; `ring_jax.generate` checks the lengths up front instead).
+    """
+    if seq > max_length:
+        raise ValueError(f"KV cache overflow: {seq} tokens do not fit a cache of max_length={max_length}")
+    if isinstance(cache_length, jax.core.Tracer):
+        message = f"KV cache overflow: {{}} cached + {seq} new tokens exceed max_length={max_length}"
+        checkify.debug_check(cache_length + seq <= max_length, message, cache_length)
+        return
+    if int(cache_length) + seq > max_length:
+        raise ValueError(
+            f"KV cache overflow: {int(cache_length)} cached + {seq} new tokens exceed max_length={max_length}"
+        )
 
 
 class QKNormRope(nnx.Module):
@@ -77,6 +107,7 @@ class SoftmaxAttention(nnx.Module):
         q, k = self.qk(q, k, inputs)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         if cache is not None:
+            check_cache_room(cache.keys.shape[1], inputs.cache_length, seq)
             start = (0, inputs.cache_length, 0, 0)
             cache = KVCache(
                 jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start),
@@ -89,6 +120,7 @@ class SoftmaxAttention(nnx.Module):
             v,
             segment_ids=inputs.segment_ids,
             query_offset=inputs.cache_length if cache is not None else None,
+            key_start=inputs.left_padding if cache is not None else None,
             implementation=config.attention_implementation,
         )
         return self.out(out.reshape(batch, seq, heads * head_dim)), cache
