@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ring_jax.config import ModelConfig
+from ring_jax.convert.hf_config import check_exportable
 from ring_jax.convert.mapping import LeafPlan, Path, Piece, build_plan, is_ignored_hf_name, path_str
 from ring_jax.convert.safetensors_io import CheckpointError, PlannedTensor, TensorInfo
 from ring_jax.layers.moe import ExpertBias
@@ -188,6 +189,7 @@ def export_tensors(
     get_leaf(path) returns the leaf's value when a tensor is materialised. Weights keep their dtype unless
     `dtype` is given; expert biases are always fp32.
     """
+    check_exportable(config.to_dict())
     plan = model_plan(config, params)
     variables = _flat(params)
     planned = []
