@@ -98,7 +98,8 @@ def _last_logits(model: RingLinearModel, tokens: jax.Array, cache: ModelCache) -
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill_chunk(graphdef: Any, state: Any, tokens: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+def prefill_chunk(graphdef: Any, state: Any, tokens: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
+    """One prefill chunk, tokens [batch, chunk], through the donated cache -> (last-position logits, cache)."""
     return _last_logits(nnx.merge(graphdef, state, copy=True), tokens, cache)
 
 
@@ -109,7 +110,7 @@ def stop_matched(recent: jax.Array, stops: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "block"), donate_argnames=("decode",))
-def _decode_block(
+def decode_block(
     graphdef: Any,
     state: Any,
     decode: DecodeState,
@@ -119,7 +120,9 @@ def _decode_block(
     *,
     block: int,
 ) -> DecodeState:
-    """Up to `block` decode steps (fewer when every row is done or the token budget is spent)."""
+    """Up to `block` decode steps on the donated state (fewer when every row is done or the token budget is spent).
+
+    stops: `stop_array(...)`; key: the sampling key (step i samples with fold_in(key, i))."""
     max_new = decode.tokens.shape[1]
     end = jnp.minimum(decode.step + block, max_new)
 
@@ -139,7 +142,20 @@ def _decode_block(
     return jax.lax.while_loop(running, step, decode)
 
 
-def _stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
+def start_decode(cache: ModelCache, logits: jax.Array, max_new_tokens: int, stops: np.ndarray) -> DecodeState:
+    """The decode state after prefill: cache, logits [batch, vocab] of each row's last prompt token."""
+    batch = logits.shape[0]
+    return DecodeState(
+        cache=cache,
+        logits=logits,
+        tokens=jnp.full((batch, max_new_tokens), FINISHED, jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        recent=jnp.full((batch, stops.shape[1]), _NEVER, jnp.int32),
+    )
+
+
+def stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
     """[num_stops, longest] int32, each sequence right-aligned and left-filled with -1 (matches any token)."""
     longest = max((len(s) for s in stop_sequences), default=1)
     stops = np.full((len(stop_sequences), longest), -1, np.int32)
@@ -207,21 +223,14 @@ def generate(
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, padded + config.max_new_tokens, left_padding=left_padding)
     for start in range(0, padded, chunk):
-        logits, cache = _prefill_chunk(graphdef, state, jnp.asarray(tokens[:, start : start + chunk]), cache)
+        logits, cache = prefill_chunk(graphdef, state, jnp.asarray(tokens[:, start : start + chunk]), cache)
 
-    stops = _stop_array(config.stop_sequences)
-    decode = DecodeState(
-        cache=cache,
-        logits=logits,
-        tokens=jnp.full((batch, config.max_new_tokens), FINISHED, jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        done=jnp.zeros((batch,), bool),
-        recent=jnp.full((batch, stops.shape[1]), _NEVER, jnp.int32),
-    )
+    stops = stop_array(config.stop_sequences)
+    decode = start_decode(cache, logits, config.max_new_tokens, stops)
     sampling = SamplingParams(jnp.float32(config.temperature), jnp.int32(config.top_k), jnp.float32(config.top_p))
     key = jax.random.key(config.seed)
     while True:
-        decode = _decode_block(graphdef, state, decode, jnp.asarray(stops), sampling, key, block=config.decode_block)
+        decode = decode_block(graphdef, state, decode, jnp.asarray(stops), sampling, key, block=config.decode_block)
         step, done = int(decode.step), np.asarray(decode.done)
         if on_update is not None:
             on_update(np.asarray(decode.tokens[:, :step]), done)

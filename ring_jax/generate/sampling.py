@@ -38,9 +38,13 @@ def allowed_tokens(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """[batch, vocab] fp32 logits -> [batch] int32 next tokens (argmax when temperature is 0)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     temperature = jnp.asarray(params.temperature, jnp.float32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    filtered = jnp.where(allowed_tokens(logits, params), scaled, -jnp.inf)
-    sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def greedy() -> jax.Array:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> jax.Array:  # the vocabulary sort runs only here: greedy decoding does not pay for it
+        filtered = jnp.where(allowed_tokens(logits, params), logits / jnp.maximum(temperature, 1e-6), -jnp.inf)
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sampled, greedy)
