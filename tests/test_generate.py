@@ -250,7 +250,7 @@ def test_cli_generates_from_a_training_workdir(workdir, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("add 1+2=\n\nrev abc>\n")
     code = cli_main(["--workdir", path, "--prompts-file", str(prompts_file), "--prompt", "kv a=1 ?a=",
-                     "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5", "--stop", "\n"])  # fmt: skip
+                     "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5", "--stop", "\\n"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
     for row, prompt in enumerate(("kv a=1 ?a=", "add 1+2=", "rev abc>")):

@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", action="append", default=[], help="text that ends a row (repeatable)")
+    parser.add_argument(
+        "--stop", action="append", default=[], help="text that ends a row (repeatable; \\n and \\t are escapes)"
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
     parser.add_argument("--no-bos", action="store_true", help="do not start prompts with the tokenizer's BOS")
     parser.add_argument("--step", type=int, default=None, help="--workdir: the checkpoint step (default: latest)")
@@ -57,7 +59,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def unescape(text: str) -> str:
+    """'\\n' and '\\t' typed on a command line -> newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def stop_sequences(tokenizer: Tokenizer, stops: list[str], ignore_eos: bool) -> tuple[tuple[int, ...], ...]:
+    stops = [unescape(text) for text in stops]
     sequences = [tuple(int(t) for t in tokenizer.encode(text)) for text in stops]
     for text, sequence in zip(stops, sequences, strict=True):
         if not sequence:
