@@ -426,8 +426,6 @@ def main(argv: list[str]) -> None:
     del argv
     if _CACHE_DIR.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    # XLA's RngBitGenerator instead of threefry: random weights of a 16B model compile and generate much faster.
-    jax.config.update("jax_default_prng_impl", "rbg")
     config = model_config()
     device = jax.devices()[0]
     meta = {
