@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ring_jax.generate.engine import CACHE_BLOCK
 from ring_jax.model import ModelCache, RingLinearModel
 
 
@@ -99,7 +100,7 @@ def inference_pass(model: RingLinearModel, tokens: jax.Array, prefill_length: in
     if not 0 < prefill_length < seq or chunk < 1:
         raise ValueError(f"prefill_length must be in [1, {seq - 1}] and chunk >= 1, got {prefill_length}, {chunk}")
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(batch, seq)
+    cache = model.init_cache(batch, -(-seq // CACHE_BLOCK) * CACHE_BLOCK)
     parts = []
     for start in range(0, prefill_length, chunk):
         out, cache = _prefill_chunk(graphdef, state, tokens[:, start : min(start + chunk, prefill_length)], cache)

@@ -6,10 +6,10 @@ row's left padding).
 Implementations: "xla" / "cudnn" (`jax.nn.dot_product_attention`), "tokamax" (`tokamax.dot_product_attention`
 pinned to its Mosaic kernels, GPU Hopper / TPU: an unsupported case raises instead of falling back to XLA).
 None picks: on GPU with tokamax installed (the `gpu` extra), tokamax's Mosaic kernel for training-shaped calls
-(no cache) and for cached prefill chunks of at least `MIN_TOKAMAX_QUERIES` queries (falling back to tokamax's XLA
-version where the kernel declines), XLA otherwise (single-token decode reads the cache once: XLA's fused
-matrix-vector products do that well). With a cache, tokamax is told that keys past `query_offset + q_len` are
-empty, so a prefill chunk's cost follows the filled part of the cache, not its size.
+(no cache) and for cached prefill chunks whose query and cache lengths are multiples of `TOKAMAX_CACHE_BLOCK`
+(falling back to tokamax's XLA version where the kernel declines), XLA otherwise (single-token decode reads the
+cache once: XLA's fused matrix-vector products do that well). With a cache, tokamax is told that keys past
+`query_offset + q_len` are empty, so a prefill chunk's cost follows the filled part of the cache, not its size.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from pallas_kernels.platform import tokamax_on_gpu
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "tokamax")
-MIN_TOKAMAX_QUERIES = 64  # tokamax's Mosaic kernel works on query blocks of 64
+TOKAMAX_CACHE_BLOCK = 128  # tokamax's Mosaic kernel tiles queries by 2 x 64 and keys by 64
 
 
 def causal_attention(
@@ -62,7 +62,8 @@ def causal_attention(
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     is_causal = query_offset is None  # with a cache, the causal part lives in the offset mask
     tokamax_choice = "mosaic" if implementation == "tokamax" else None
-    if implementation is None and tokamax_on_gpu() and (query_offset is None or q_len >= MIN_TOKAMAX_QUERIES):
+    tiled = q_len % TOKAMAX_CACHE_BLOCK == 0 and kv_len % TOKAMAX_CACHE_BLOCK == 0
+    if implementation is None and tokamax_on_gpu() and (query_offset is None or tiled):
         tokamax_choice = ("mosaic", "xla")
     if tokamax_choice is not None:
         import tokamax

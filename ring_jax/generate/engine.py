@@ -24,6 +24,7 @@ from ring_jax.generate.sampling import SamplingParams, sample_tokens
 from ring_jax.model import ModelCache, RingLinearModel
 
 FINISHED = -1  # token slot of a row that had already finished
+CACHE_BLOCK = 128  # KV caches are a whole number of attention-kernel blocks
 _NEVER = -2  # initial "recent token": matches no stop sequence
 
 
@@ -221,7 +222,8 @@ def generate(
         tokens[row, left_padding[row] :] = prompt
 
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(batch, padded + config.max_new_tokens, left_padding=left_padding)
+    cache_length = -(-(padded + config.max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    cache = model.init_cache(batch, cache_length, left_padding=left_padding)
     for start in range(0, padded, chunk):
         logits, cache = prefill_chunk(graphdef, state, jnp.asarray(tokens[:, start : start + chunk]), cache)
 
