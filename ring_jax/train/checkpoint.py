@@ -2,19 +2,32 @@
 
 Orbax writes each step into a temporary directory and renames it on commit, so a process killed mid-save
 leaves the previous checkpoint as the latest complete one; leftover temporaries are removed on the next start.
+`restore_params` / `restore_model` read a training workdir's weights for inference, export or a warm start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from ring_jax.config import ModelConfig
+from ring_jax.layers.moe import ExpertBias
+from ring_jax.model import RingLinearModel
+from ring_jax.sharding import state_shardings
 from ring_jax.train.state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"  # under the workdir
+CONFIG_FILE = "config.json"  # the resolved training config, under the workdir
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +97,99 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights of a training workdir, without the optimizer state.
+
+
+class RestoredParams(NamedTuple):
+    """step: the checkpoint's step; config: the workdir's resolved training config (its `model` section builds
+    the model); params: nnx.State of the Params; expert_bias: nnx.State of the routing biases (needed for routing)."""
+
+    step: int
+    config: ml_collections.ConfigDict
+    params: nnx.State
+    expert_bias: nnx.State
+
+
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run saved as WORKDIR/config.json (one-line error when missing or invalid)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is {workdir!r} a training workdir?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        raise ValueError(f"{path}: expected a training config with a 'model' section")
+    return ml_collections.ConfigDict(values)
+
+
+def restore_params(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> RestoredParams:
+    """Restores only the params and expert biases of a training checkpoint (the optimizer state is never read).
+
+    step: a saved step (default: the latest complete one; a save killed midway is never picked). mesh: place the
+    leaves by their logical axis names on this mesh (default: the default device). A workdir without a complete
+    checkpoint, or without `step`, is a one-line error.
+    """
+    config = read_workdir_config(workdir)
+    model_config = ModelConfig.from_config(config.model)
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    missing = f"{directory}: no complete checkpoint (train first, or wait for a save to finish)"
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(missing)
+    options = ocp.CheckpointManagerOptions(create=False)
+    manager = ocp.CheckpointManager(directory, options=options, item_names=("state",))
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(missing)
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (saved steps: {steps})")
+
+    _, params, expert_bias, _ = nnx.split(nnx.eval_shape(lambda: _new_model(model_config)), nnx.Param, ExpertBias, ...)
+    target = {"params": params, "expert_bias": expert_bias}
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, target)
+    else:
+        shardings = {name: state_shardings(tree, mesh) for name, tree in target.items()}
+    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                            target, shardings)  # fmt: skip
+    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), abstract)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+            ),
+        )["state"]
+    finally:
+        manager.close()
+    return RestoredParams(step, config, restored["params"], restored["expert_bias"])
+
+
+def restore_model(
+    workdir: str,
+    step: int | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[RingLinearModel, ml_collections.ConfigDict]:
+    """(model with a workdir checkpoint's weights, the workdir's config). overrides: `config.model` fields that do
+    not change the weights' shapes (e.g. {"dtype": "bfloat16", "lightning_implementation": "reference"})."""
+    restored = restore_params(workdir, step, mesh=mesh)
+    section = restored.config.model.copy_and_resolve_references()
+    section.update(dict(overrides or {}))
+    model_config = ModelConfig.from_config(section)
+    graphdef, _, _, rest = nnx.split(nnx.eval_shape(lambda: _new_model(model_config)), nnx.Param, ExpertBias, ...)
+    rest = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), rest)  # expert-load counters
+    return nnx.merge(graphdef, restored.params, restored.expert_bias, rest), restored.config
+
+
+def _new_model(config: ModelConfig) -> RingLinearModel:
+    return RingLinearModel(config, rngs=nnx.Rngs(0))
