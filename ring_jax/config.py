@@ -205,6 +205,11 @@ class ModelConfig:
         def fail(field: str, message: str) -> None:
             raise ConfigError(f"model.{field}: {message}")
 
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            numbers = dict(value).values() if field.name == "rope_scaling" and value is not None else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                fail(field.name, f"must be finite, got {value!r}")
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",

@@ -24,6 +24,7 @@ from ring_jax.layers.moe import ExpertLoad, MoE, RouterStats
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import rope_tables
 from ring_jax.sharding import constrain
+from ring_jax.token_checks import check_tokens
 
 LayerCache = jax.Array | KVCache | None  # lightning state [batch, heads, head_dim, head_dim] fp32, or a KV cache
 
@@ -271,6 +272,7 @@ class RingLinearModel(nnx.Module):
         token_mask [batch, seq] bool, False for padding that must not count in the expert load (bias update);
         compute_logits=False skips the lm_head (training takes hidden states into a fused lm_head + loss)."""
         config = self.config
+        check_tokens(tokens, config, 0 if cache is None else cache.length)
         batch, seq = tokens.shape
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed training sequences) cannot be combined with a cache")
