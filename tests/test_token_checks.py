@@ -3,6 +3,8 @@ traced tokens through checkify when asked."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from ring_jax.model import RingLinearModel
 from ring_jax.token_checks import check_tokens, max_sequence_length, token_errors
 
 CONFIG = tiny_config(num_hidden_layers=3, max_position_embeddings=16)
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny_ring_linear"
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +92,13 @@ def test_under_jit_values_are_checked_only_through_token_errors(model):
     assert np.isfinite(np.asarray(logits)).all()
     with pytest.raises(checkify.JaxRuntimeError, match="10 cached \\+ 7 tokens exceed the 16 positions"):
         jax.jit(token_errors, static_argnums=1)(jnp.ones((1, 7), jnp.int32), CONFIG, jnp.int32(10)).throw()
+
+
+def test_a_converted_checkpoint_refuses_bad_ids_too():
+    from ring_jax.convert import from_hf
+
+    model = from_hf(FIXTURE, progress=False)
+    tokens = np.load(FIXTURE / "tokens.npy").astype(np.int32)
+    tokens[0, -1] = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"tokens: id {model.config.vocab_size} at .* is outside"):
+        model(jnp.asarray(tokens))

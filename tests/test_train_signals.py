@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_train_helpers import REPO, TINY_OVERRIDES
 
 from ring_jax.train.checkpoint import Checkpointer
@@ -48,7 +49,7 @@ def latest_step(workdir) -> int | None:
         checkpointer.close()
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_cleanly_and_a_second_run_is_refused_meanwhile(tmp_path):
     workdir = str(tmp_path / "run")
     process = start(workdir, "--config.train.steps=100000", "--config.checkpoint.every_n_steps=0")
     read_until(process, "train: starting at step 0")
@@ -57,6 +58,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.2)
+    config_json = (pathlib.Path(workdir) / "config.json").read_bytes()
+    second = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *TINY_OVERRIDES], cwd=REPO,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert second.returncode == 2 and second.stdout == "", second.stdout[-3000:] + second.stderr[-3000:]
+    assert second.stderr.startswith(f"train: workdir {workdir} is in use by another training run: host ")
+    assert f" pid {process.pid} " in second.stderr and second.stderr.count("\n") == 1, second.stderr
+    assert (pathlib.Path(workdir) / "config.json").read_bytes() == config_json
     process.send_signal(signal.SIGTERM)
     output = finish(process)
     assert process.returncode == 0, output[-3000:]
@@ -87,3 +96,20 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint_usable(tmp_path):
     assert latest_step(workdir) == latest + 2
     leftovers = [name for name in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in name]
     assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.stepz=5"], "train: --config.train.stepz=5: no config field 'stepz' "
+                                 '(Did you mean "steps" instead of "stepz"?)'),
+    (["--config=configs/default.py", "--config.trainn.steps=5"],
+     "train: --config.trainn.steps=5: no config field 'trainn' (Did you mean \"train\" instead of \"trainn\"?)"),
+    (["--config=no/such/config.py"], "train: --config: no config file 'no/such/config.py'"),
+    (["--config.optim.learning_rate=inf"], "train: optim.learning_rate: must be a finite number (got inf)"),
+])
+def test_command_line_mistakes_are_one_line_errors(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'run'}", *args], cwd=REPO,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 2 and result.stdout == "", result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "run").exists()

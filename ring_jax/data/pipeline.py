@@ -103,8 +103,10 @@ class _DocumentWindowsIterator(grain.DatasetIterator):
             self._windows_done = 0
 
     def _count_empty_document(self) -> None:
+        # Each epoch is shuffled anew, so a source with some text can still show up to 2 * (n - 1) empty documents
+        # in a row across an epoch boundary; 2 * n in a row means none has any.
         self._empty_in_a_row += 1
-        if self._empty_in_a_row >= self._spec.num_documents:
+        if self._empty_in_a_row >= 2 * self._spec.num_documents:
             raise DataError(f"data.source: none of the {self._spec.num_documents} documents of "
                             f"{self._spec.source_name!r} has any text")
 

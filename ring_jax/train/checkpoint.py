@@ -130,17 +130,6 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
-        """Restores `step` into arrays shaped/sharded like `abstract_state`; moves `data_iterator` there."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-            ),
-        )
-        return restored["state"]
-
     def restore_latest(self, abstract_state, data_iterator: grain.DatasetIterator) -> tuple[int, object] | None:
         """(step, state) of the newest checkpoint that restores (see the module docstring), or None if there is none.
 
