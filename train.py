@@ -14,11 +14,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ring_jax.config import ConfigError
-from ring_jax.data.sources import DataError
-from ring_jax.train.checkpoint import ResumeError
+from ring_jax.errors import RingJaxError
+from ring_jax.train import distributed
 from ring_jax.train.loop import NonFiniteError, train
-from ring_jax.train.workdir_lock import WorkdirLockedError
+from ring_jax.train.xla_flags import set_default_xla_flags
 
 CONFIG_LOOKUP_ERRORS = (AttributeError, KeyError, TypeError, ValueError)  # what ml_collections raises for overrides
 
@@ -55,6 +54,12 @@ try:  # ml_collections applies --config.* overrides of the default config file w
 except CONFIG_LOOKUP_ERRORS as _error:
     _bad_override(_error)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics and the config.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "Join a multi-process job (jax.distributed.initialize): auto = when the flags "
+                                 "below are given or SLURM / Open MPI / a TPU pod slice launched this process.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process jobs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-process jobs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def _load_config():
@@ -75,11 +80,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     config = _load_config()
+    set_default_xla_flags()
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         result = train(config, _WORKDIR.value)
     except NonFiniteError as e:
         _exit(str(e), code=3)
-    except (ConfigError, DataError, ResumeError, WorkdirLockedError) as e:  # bad input: one line, no traceback
+    except RingJaxError as e:  # bad input or a locked workdir: one line, no traceback
         _exit(str(e))
     losses = result.losses
     if losses:

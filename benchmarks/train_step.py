@@ -1,4 +1,5 @@
-"""Train-step throughput and model FLOPs utilisation (MFU) of the jitted ring_jax train step on one device.
+"""Train-step throughput and model FLOPs utilisation (MFU) of the jitted ring_jax train step, on one device or a
+mesh of several (`--config.mesh.data=2`, `fsdp`, `expert`, `tensor`).
 
     python benchmarks/train_step.py --config=configs/ring_mini_linear_2.py \
         --config.model.num_experts=16 --config.train.batch_size=2 --config.train.seq_len=4096
@@ -11,9 +12,11 @@ Model FLOPs per token (training = 3 x forward, forward = 2 x multiply-adds):
   + sum over lightning layers 6 * H * D * (C + 2 * D)  (chunked linear attention: intra-chunk causal
                                          2 * 2 * C * H * D / 2 plus state update and read-out 2 * 2 * H * D^2, x3)
 S = seq_len, H = heads, D = head_dim, C = lightning chunk (64). Remat recomputation is not counted (MFU, not HFU).
-MFU = tokens/s * FLOPs/token / peak; peak = 989e12 bf16 dense for an H100 SXM (pass --peak_tflops otherwise).
+MFU = tokens/s * FLOPs/token / (devices * peak); peak = 989e12 bf16 dense per H100 / H200 (--peak_tflops).
 Batches are random tokens, one document per row. Timing: median of --steps steps after --warmup steps, each step
-synchronised with block_until_ready.
+synchronised with block_until_ready. The step is compiled once ahead of time; with --check_per_shard its compiled
+HLO is searched for kernels running on gathered (whole-batch) operands (`ring_jax.train.kernel_check`), and the
+benchmark fails if it finds any.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import os
 import statistics
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -32,10 +34,13 @@ from ml_collections import config_flags
 from benchmarks.profiling import kernel_times, print_kernel_table
 from ring_jax.config import ModelConfig
 from ring_jax.params import count_parameters
+from ring_jax.sharding import make_mesh
+from ring_jax.train.kernel_check import gathered_kernel_calls, kernel_calls
 from ring_jax.train.optim import make_optimizer
-from ring_jax.train.state import StateFactory, make_mesh, validate
+from ring_jax.train.state import StateFactory, validate
 from ring_jax.train.step import make_train_step
 from ring_jax.train.tuning import tune_kernels
+from ring_jax.train.xla_flags import set_default_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ring_mini_linear_2.py", "Model + training config.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps.")
@@ -46,22 +51,8 @@ _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the result as JSON t
 _KERNEL_TUNING_FILE = flags.DEFINE_string("kernel_tuning_file", "", "Load/save tuned kernel configs here.")
 _TOP = flags.DEFINE_integer("top", 30, "Kernels listed by --profile.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Print the longest device kernels of one step.")
-
-
-def signature(tree: Any) -> dict[str, str]:
-    """Leaf path -> type, weak type, sharding, layout: what jit's cache keys on, to explain a recompilation."""
-    return {
-        jax.tree_util.keystr(path): f"{jax.typeof(leaf)} weak={leaf.weak_type} {leaf.sharding} {leaf.format.layout}"
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
-def report_signature_change(before: dict[str, str], after: dict[str, str]) -> None:
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    for key in changed[:10]:
-        print(f"train_step: state leaf {key} changed: {before.get(key)} -> {after.get(key)}", flush=True)
-    if changed:
-        print(f"train_step: {len(changed)} state leaves differ between steps (a recompilation)", flush=True)
+_OVERLAP = flags.DEFINE_bool("overlap_flags", True, "Set ring_jax's XLA options for collective overlap.")
+_CHECK = flags.DEFINE_bool("check_per_shard", False, "Fail if a kernel runs on gathered operands (needs > 1 device).")
 
 
 def flops_per_token(model_config: ModelConfig, seq_len: int, chunk: int) -> dict[str, float]:
@@ -81,6 +72,20 @@ def flops_per_token(model_config: ModelConfig, seq_len: int, chunk: int) -> dict
             "total_params": counts["total"]}
 
 
+def check_per_shard(hlo_text: str, batch: int, seq: int, model_config: ModelConfig, mesh) -> None:
+    """Exits with an error when a kernel of the compiled step runs on gathered (whole-batch) operands."""
+    calls = kernel_calls(hlo_text)
+    gathered = gathered_kernel_calls(hlo_text, global_batch=batch, seq_len=seq,
+                                     top_k=model_config.num_experts_per_tok,
+                                     expert_parallel=mesh.shape["expert"] > 1)  # fmt: skip
+    print(f"train_step: {len(calls)} kernel calls in the compiled step, {len(gathered)} on gathered operands",
+          flush=True)
+    for call in gathered:
+        print(f"train_step: GATHERED {call.target} {call.operand_shapes}", flush=True)
+    if gathered:
+        raise SystemExit("train_step: kernels run on gathered operands (see above)")
+
+
 def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
     tokens = rng.integers(0, vocab, size=(batch, seq + 1), dtype=np.int32)
     return {
@@ -94,12 +99,14 @@ def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> 
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)  # kernel libraries log every autotuning-cache lookup at INFO
+    logging.set_verbosity(logging.WARNING)
+    if _OVERLAP.value:
+        set_default_xla_flags()  # kernel libraries log every autotuning-cache lookup at INFO
     config = _CONFIG.value
     model_config = validate(config)
     batch, seq = config.train.batch_size, config.train.seq_len
     tx, _ = make_optimizer(config.optim, max(config.train.steps, config.optim.warmup_steps + 1))
-    factory = StateFactory(model_config, tx, make_mesh(config.mesh), seed=0, remat_policy=config.train.remat_policy)
+    factory = StateFactory(model_config, tx, make_mesh(config.mesh, use_all=True), seed=0)
     train_step = make_train_step(factory, config)
     rng = np.random.default_rng(0)
     sharding = factory.batch_sharding()
@@ -110,15 +117,17 @@ def main(argv: list[str]) -> None:
             timing = f"{op.heuristic_ms:.3f} -> {op.best_ms:.3f} ms" if op.searched else "loaded"
             print(f"train_step: kernel {op.name} {op.shapes}: {timing}", flush=True)
     state = factory.init()
-    print(f"train_step: state initialised on {jax.devices()[0].device_kind}; compiling", flush=True)
+    devices = jax.device_count()
+    print(f"train_step: state initialised on {devices} x {jax.devices()[0].device_kind}; compiling", flush=True)
     times = []
     with jax.set_mesh(factory.mesh):
         compile_start = time.perf_counter()
+        train_step = train_step.lower(state, batches[0]).compile()
+        if _CHECK.value:
+            check_per_shard(train_step.as_text(), batch, seq, model_config, factory.mesh)
         for i in range(_WARMUP.value):
-            before = signature(state)
             state, metrics = train_step(state, batches[i % 2])
             jax.block_until_ready(metrics)
-            report_signature_change(before, signature(state))
             if i == 0:
                 compile_seconds = time.perf_counter() - compile_start
                 print(f"train_step: compile + first step {compile_seconds:.1f} s", flush=True)
@@ -127,7 +136,9 @@ def main(argv: list[str]) -> None:
             state, metrics = train_step(state, batches[i % 2])
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-            print(f"train_step: step {i} {times[-1] * 1e3:.1f} ms", flush=True)
+            print(f"train_step: step {i} {times[-1] * 1e3:.1f} ms, loss {float(metrics['loss']):.4f}", flush=True)
+            if not bool(metrics["finite"]):  # a fast wrong step is no result
+                raise SystemExit(f"train_step: step {i} is not finite (loss {float(metrics['loss'])})")
 
         if _PROFILE.value:
             holder = [state]
@@ -142,16 +153,18 @@ def main(argv: list[str]) -> None:
     step_seconds = statistics.median(times)
     tokens_per_second = batch * seq / step_seconds
     flops = flops_per_token(model_config, seq, _LIGHTNING_CHUNK.value)
-    mfu = tokens_per_second * flops["total"] / (_PEAK.value * 1e12)
+    mfu = tokens_per_second * flops["total"] / (devices * _PEAK.value * 1e12)
     memory = jax.devices()[0].memory_stats() or {}
     result = {
         "device": jax.devices()[0].device_kind,
+        "devices": devices,
+        "mesh": dict(factory.mesh.shape),
         "jax": jax.__version__,
         "batch": batch,
         "seq_len": seq,
         "dtype": model_config.dtype,
         "param_dtype": model_config.param_dtype,
-        "remat_policy": config.train.remat_policy,
+        "remat_policy": config.model.remat_policy,
         "lightning_implementation": model_config.lightning_implementation,
         "gmm_implementation": model_config.gmm_implementation,
         "attention_implementation": model_config.attention_implementation,
@@ -163,6 +176,7 @@ def main(argv: list[str]) -> None:
         "step_ms_median": round(step_seconds * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
         "tokens_per_second": round(tokens_per_second, 1),
+        "tokens_per_second_per_device": round(tokens_per_second / devices, 1),
         "flops_per_token": flops,
         "model_tflops_per_second": round(tokens_per_second * flops["total"] / 1e12, 1),
         "mfu": round(mfu, 4),

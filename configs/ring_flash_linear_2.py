@@ -6,7 +6,7 @@ rope_theta were not seen in a released config (spec §9.2): 8 groups keeps mini'
 
 import ml_collections
 
-from ring_jax.config import base_config
+from ring_jax.train.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

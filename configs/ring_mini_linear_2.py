@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from ring_jax.config import base_config
+from ring_jax.train.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

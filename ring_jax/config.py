@@ -1,164 +1,148 @@
-"""Model configuration: the ml-collections `model` section and its validated, frozen form.
+"""Model configuration: one table of fields, the ml-collections `model` section built from it, and its validated,
+frozen form `ModelConfig`.
 
-The `model` section uses the field names of the HF `config.json` (spec §1.2) so that conversion is a plain copy; the
-few ring_jax-only fields (dtypes, kernels, scan, the disputed decay offset) are listed in `RING_JAX_FIELDS`.
-`ModelConfig.from_config` validates every cross-field rule once, before anything is traced, and names the field.
+Every model field is declared once, below, as a `ModelConfig` dataclass field with its default (Ring-mini-linear-2.0's
+value), its type and a one-line meaning, and one of three kinds:
+
+- ``hf``: an architecture field of the HF ``config.json`` (same name), copied 1:1 by the converter;
+- ``architecture``: a ring_jax-only architecture choice (changes the function the model computes);
+- ``runtime``: how the same function is computed or trained (dtypes, kernels, layer scan, remat, loss weights);
+  may change between runs of one model.
+
+`model_defaults()`, the HF mapping (`ring_jax.convert.hf_config`), resume checks and the README's field table are
+all derived from these declarations. `ModelConfig.from_config` validates every cross-field rule once, before anything
+is traced, and names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 
-from pallas_kernels.attention.api import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from pallas_kernels.gmm.api import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
-from pallas_kernels.lightning.api import FORWARD_IMPLEMENTATIONS
+from pallas_kernels.attention.api import ATTENTION
+from pallas_kernels.gmm.api import GROUPED_MATMUL
+from pallas_kernels.lightning.api import LIGHTNING_DECODE, LIGHTNING_FORWARD
+from ring_jax.errors import ConfigError
+from ring_jax.remat import REMAT_POLICIES
+
+__all__ = ["ConfigError", "ModelConfig", "model_defaults", "model_fields", "fields_table_markdown"]
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-LIGHTNING_IMPLEMENTATIONS = (None, *FORWARD_IMPLEMENTATIONS)
 ROPE_SCALING_TYPES = ("linear", "yarn")
+FIELD_KINDS = ("hf", "architecture", "runtime")
+REQUIRED = "required"  # `when_missing` of an HF field that config.json must contain
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message starts with the dotted field name."""
+def _field(kind: str, default: Any, doc: str, *, choices: tuple | None = None, when_missing: Any = REQUIRED,
+           none_type: type | None = None) -> Any:  # fmt: skip
+    """A ModelConfig field. choices: allowed values (validated); when_missing (hf fields): value used when an HF
+    config.json lacks the field (REQUIRED: it must be there; None: derived, see `hf_config`); none_type: the type a
+    None default holds when set (ml-collections placeholders need it)."""
+    metadata = {"kind": kind, "doc": doc, "choices": choices, "when_missing": when_missing, "none_type": none_type}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def model_defaults() -> ml_collections.ConfigDict:
-    """The `model` section with Ring-mini-linear-2.0 architecture values (spec §1.2) and ring_jax defaults."""
-    return ml_collections.ConfigDict(
-        {
-            # --- HF config.json fields ---
-            "vocab_size": 157184,
-            "hidden_size": 2048,
-            "num_hidden_layers": 20,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
-            "head_dim": 128,
-            "intermediate_size": 5120,
-            "moe_intermediate_size": 512,
-            "moe_shared_expert_intermediate_size": 512,
-            "num_experts": 256,
-            "num_experts_per_tok": 8,
-            "num_shared_experts": 1,
-            "n_group": 8,
-            "topk_group": 4,
-            "routed_scaling_factor": 2.5,
-            "norm_topk_prob": True,
-            "score_function": "sigmoid",
-            "moe_router_enable_expert_bias": True,
-            "first_k_dense_replace": 1,
-            "layer_group_size": 5,
-            "group_norm_size": 4,
-            "partial_rotary_factor": 0.5,
-            "rope_theta": 1_000_000.0,
-            "rope_scaling": ml_collections.config_dict.placeholder(dict),
-            "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-6,
-            "use_qk_norm": True,
-            "num_nextn_predict_layers": 0,
-            "tie_word_embeddings": False,
-            "linear_silu": False,
-            "use_bias": False,
-            "use_qkv_bias": False,
-            # --- ring_jax fields ---
-            # Lightning decay layer offset δ in f_l = 1 - (l - δ)/(L - 1) + 1e-5 (spec §2.6 / §9.1): 1 is the HF
-            # remote code's convention, 0 is SGLang/vLLM's.
-            "decay_layer_offset": 1,
-            "dtype": "float32",
-            "param_dtype": "float32",
-            "scan_layers": True,
-            "lightning_implementation": ml_collections.config_dict.placeholder(str),
-            "gmm_implementation": ml_collections.config_dict.placeholder(str),
-            "attention_implementation": ml_collections.config_dict.placeholder(str),
-            "mtp_loss_scaling_factor": 0.1,
-        }
-    )
+def _hf(default: Any, doc: str, **kwargs: Any) -> Any:
+    return _field("hf", default, doc, **kwargs)
 
 
-RING_JAX_FIELDS = (
-    "decay_layer_offset",
-    "dtype",
-    "param_dtype",
-    "scan_layers",
-    "lightning_implementation",
-    "gmm_implementation",
-    "attention_implementation",
-    "mtp_loss_scaling_factor",
-)
+def _architecture(default: Any, doc: str, **kwargs: Any) -> Any:
+    return _field("architecture", default, doc, **kwargs)
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """The full config: the `model` section plus the training sections (train, optim, data, checkpoint, mesh, ...)."""
-    from ring_jax.train.config import training_defaults
-
-    config = ml_collections.ConfigDict()
-    config.model = model_defaults()
-    for name, section in training_defaults().items():
-        config[name] = section
-    return config
+def _runtime(default: Any, doc: str, **kwargs: Any) -> Any:
+    return _field("runtime", default, doc, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Validated, immutable model configuration (hashable: usable as a jit static argument)."""
 
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    moe_shared_expert_intermediate_size: int
-    num_experts: int
-    num_experts_per_tok: int
-    num_shared_experts: int
-    n_group: int
-    topk_group: int
-    routed_scaling_factor: float
-    norm_topk_prob: bool
-    score_function: str
-    moe_router_enable_expert_bias: bool
-    first_k_dense_replace: int
-    layer_group_size: int
-    group_norm_size: int
-    partial_rotary_factor: float
-    rope_theta: float
-    rope_scaling: tuple[tuple[str, Any], ...] | None
-    max_position_embeddings: int
-    rms_norm_eps: float
-    use_qk_norm: bool
-    num_nextn_predict_layers: int
-    tie_word_embeddings: bool
-    linear_silu: bool
-    use_bias: bool
-    use_qkv_bias: bool
-    decay_layer_offset: float
-    dtype: str
-    param_dtype: str
-    scan_layers: bool
-    lightning_implementation: str | None
-    gmm_implementation: str | None
-    attention_implementation: str | None
-    mtp_loss_scaling_factor: float
+    # --- HF config.json architecture fields (same names) ---
+    vocab_size: int = _hf(157184, "vocabulary size (embedding rows, lm_head columns)")
+    hidden_size: int = _hf(2048, "model width")
+    num_hidden_layers: int = _hf(20, "decoder layers L")
+    num_attention_heads: int = _hf(16, "query heads H (and key/value heads of lightning layers)")
+    num_key_value_heads: int = _hf(4, "key/value heads of softmax (GQA) layers", when_missing=None)
+    head_dim: int = _hf(128, "width D of every attention head", when_missing=None)
+    intermediate_size: int = _hf(5120, "SwiGLU width of the dense layers")
+    moe_intermediate_size: int = _hf(512, "SwiGLU width of each routed expert")
+    moe_shared_expert_intermediate_size: int = _hf(512, "SwiGLU width of each shared expert")
+    num_experts: int = _hf(256, "routed experts per MoE layer")
+    num_experts_per_tok: int = _hf(8, "experts chosen per token (top-k)")
+    num_shared_experts: int = _hf(1, "always-on shared experts per MoE layer")
+    n_group: int = _hf(8, "expert groups of the group-limited top-k")
+    topk_group: int = _hf(4, "groups kept per token before the top-k")
+    routed_scaling_factor: float = _hf(2.5, "multiplier of the normalised routing weights")
+    norm_topk_prob: bool = _hf(True, "normalise the top-k routing weights to sum 1")
+    score_function: str = _hf("sigmoid", "router score function", choices=("sigmoid",), when_missing="sigmoid")
+    moe_router_enable_expert_bias: bool = _hf(True, "aux-loss-free expert bias used in expert selection")
+    first_k_dense_replace: int = _hf(1, "leading layers with a dense MLP instead of the MoE")
+    layer_group_size: int = _hf(5, "G: every G-th layer (and the tail after the last full group) is softmax")
+    group_norm_size: int = _hf(4, "groups of the lightning output RMSNorm")
+    partial_rotary_factor: float = _hf(0.5, "fraction of head_dim that gets RoPE (NeoX style)")
+    rope_theta: float = _hf(1_000_000.0, "RoPE base")
+    rope_scaling: tuple[tuple[str, Any], ...] | None = _hf(
+        None, "RoPE scaling dict (linear or yarn) or null", when_missing=None, none_type=dict
+    )
+    max_position_embeddings: int = _hf(131072, "longest sequence the positions are trained for")
+    rms_norm_eps: float = _hf(1e-6, "epsilon of every RMSNorm")
+    use_qk_norm: bool = _hf(True, "per-head RMSNorm on q and k before RoPE")
+    num_nextn_predict_layers: int = _hf(0, "multi-token-prediction (MTP) blocks", when_missing=0)
+    tie_word_embeddings: bool = _hf(False, "must be false: separate lm_head", choices=(False,), when_missing=False)
+    linear_silu: bool = _hf(False, "must be false: identity feature map on lightning q/k/v", choices=(False,),
+                            when_missing=False)  # fmt: skip
+    use_bias: bool = _hf(False, "must be false: no projection biases", choices=(False,), when_missing=False)
+    use_qkv_bias: bool = _hf(False, "must be false: no qkv bias", choices=(False,), when_missing=False)
+    # --- ring_jax-only architecture fields ---
+    decay_layer_offset: float = _architecture(
+        1, "δ in the lightning layer factor 1 − (l − δ)/(L − 1) + 1e−5: 1 = HF remote code, 0 = SGLang/vLLM"
+    )
+    # --- runtime choices: the same function, computed or trained differently ---
+    mtp_loss_scaling_factor: float = _runtime(0.1, "weight of the MTP loss (with num_nextn_predict_layers > 0)")
+    dtype: str = _runtime("float32", "compute dtype", choices=SUPPORTED_DTYPES)
+    param_dtype: str = _runtime("float32", "parameter (master weight) dtype", choices=SUPPORTED_DTYPES)
+    scan_layers: bool = _runtime(True, "scan over layer cycles (True) or unroll them: same weights, same results")
+    remat_policy: str = _runtime("none", "activation checkpointing of each decoder layer", choices=REMAT_POLICIES)
+    lightning_implementation: str | None = _runtime(
+        None, "lightning forward kernel; None = per-platform order", choices=LIGHTNING_FORWARD.choices(),
+        none_type=str,
+    )  # fmt: skip
+    lightning_decode_implementation: str | None = _runtime(
+        None, "lightning decode-step kernel; None = per-platform order", choices=LIGHTNING_DECODE.choices(),
+        none_type=str,
+    )  # fmt: skip
+    gmm_implementation: str | None = _runtime(
+        None, "expert grouped matmul; None = per-platform order", choices=GROUPED_MATMUL.choices(), none_type=str
+    )
+    attention_implementation: str | None = _runtime(
+        None, "softmax attention kernel; None = per-platform order", choices=ATTENTION.choices(), none_type=str
+    )
+    expert_parallel_transport: str | None = _runtime(
+        None, "how tokens reach experts on other devices (mesh.expert > 1); None = by expert-group size",
+        choices=(None, "all_gather", "all_to_all", "ragged_all_to_all"), none_type=str,
+    )  # fmt: skip
 
     @classmethod
-    def from_config(cls, section: ml_collections.ConfigDict | dict) -> ModelConfig:
-        """Builds and validates from a `config.model` section; raises ConfigError naming the field."""
+    def from_config(cls, section: ml_collections.ConfigDict | Mapping[str, Any]) -> ModelConfig:
+        """Builds and validates from a `config.model` section; raises ConfigError naming the field.
+
+        HF fields must all be present; ring_jax-only fields missing from `section` (e.g. a config saved before the
+        field existed) take their defaults."""
         values = dict(section.to_dict() if isinstance(section, ml_collections.ConfigDict) else section)
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        fields = model_fields()
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ConfigError(f"model.{unknown[0]}: unknown model field (known: {', '.join(sorted(names))})")
-        missing = sorted(names - set(values))
+            raise ConfigError(f"model.{unknown[0]}: unknown model field (known: {', '.join(sorted(fields))})")
+        missing = sorted(name for name, f in fields.items() if name not in values and f.metadata["kind"] == "hf")
         if missing:
             raise ConfigError(f"model.{missing[0]}: required model field is missing")
-        scaling = values["rope_scaling"]
+        scaling = values.get("rope_scaling")
         values["rope_scaling"] = None if scaling is None else tuple(sorted(dict(scaling).items()))
         config = cls(**values)
         config.validate()
@@ -173,6 +157,12 @@ class ModelConfig:
         values = dataclasses.asdict(self)
         values["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         return values
+
+    def architecture(self) -> dict[str, Any]:
+        """The values of the fields that define the function computed (kinds hf and architecture)."""
+        kinds = {name: f.metadata["kind"] for name, f in model_fields().items()}
+        return {name: value for name, value in self.to_dict().items() if kinds[name] != "runtime"}
+
 
     # ----------------------------------------------------------------------------------------------------------
     # Derived quantities.
@@ -205,11 +195,11 @@ class ModelConfig:
         def fail(field: str, message: str) -> None:
             raise ConfigError(f"model.{field}: {message}")
 
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            numbers = dict(value).values() if field.name == "rope_scaling" and value is not None else [value]
+        for name in model_fields():  # NaN/Inf pass every comparison below: refuse them first
+            value = getattr(self, name)
+            numbers = dict(value).values() if name == "rope_scaling" and value is not None else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-                fail(field.name, f"must be finite, got {value!r}")
+                fail(name, f"must be a finite number, got {value!r}")
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
@@ -271,21 +261,36 @@ class ModelConfig:
                 fail("rope_scaling", f"factor must be >= 1, got {scaling.get('factor')!r}")
         if self.rms_norm_eps <= 0:
             fail("rms_norm_eps", "must be positive")
-        if self.score_function != "sigmoid":
-            fail("score_function", f"only 'sigmoid' routing is implemented, got {self.score_function!r}")
-        for field in ("tie_word_embeddings", "linear_silu", "use_bias", "use_qkv_bias"):
-            if getattr(self, field):
-                fail(field, "True is not supported by Ring-linear checkpoints (spec §1.2)")
-        for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in SUPPORTED_DTYPES:
-                fail(field, f"must be one of {SUPPORTED_DTYPES}, got {getattr(self, field)!r}")
-        choices = {
-            "lightning_implementation": LIGHTNING_IMPLEMENTATIONS,
-            "gmm_implementation": GMM_IMPLEMENTATIONS,
-            "attention_implementation": ATTENTION_IMPLEMENTATIONS,
-        }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                fail(field, f"must be one of {allowed}, got {getattr(self, field)!r}")
+        for name, field in model_fields().items():
+            allowed = field.metadata["choices"]
+            value = getattr(self, name)
+            if allowed is not None and value not in allowed:
+                if len(allowed) == 1:
+                    fail(name, f"{value!r} is not supported (Ring-linear models use {allowed[0]!r})")
+                fail(name, f"must be one of {allowed}, got {value!r}")
         if not math.isfinite(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
             fail("routed_scaling_factor", "must be a positive finite number")
+
+
+def model_fields() -> dict[str, dataclasses.Field]:
+    """Every model field by name, in declaration order; `.metadata` holds kind, doc, choices, when_missing."""
+    return {field.name: field for field in dataclasses.fields(ModelConfig)}
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """The `model` section of a config: every field of `ModelConfig` at its default (Ring-mini-linear-2.0)."""
+    placeholder = ml_collections.config_dict.placeholder
+    return ml_collections.ConfigDict({
+        name: placeholder(field.metadata["none_type"]) if field.default is None else field.default
+        for name, field in model_fields().items()
+    })
+
+
+def fields_table_markdown() -> str:
+    """The README's table of model fields (name, kind, default, meaning), generated from the declarations."""
+    lines = ["| field | kind | default | meaning |", "|---|---|---|---|"]
+    for name, field in model_fields().items():
+        default = "None" if field.default is None else repr(field.default)
+        lines.append(f"| `{name}` | {field.metadata['kind']} | `{default}` | {field.metadata['doc']} |")
+    return "\n".join(lines)
+

@@ -23,17 +23,11 @@ from ring_jax.layers.mlp import SwiGLU
 from ring_jax.layers.moe import ExpertLoad, MoE, RouterStats
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import rope_tables
+from ring_jax.remat import POLICIES as REMAT
 from ring_jax.sharding import constrain
 from ring_jax.token_checks import check_tokens
 
 LayerCache = jax.Array | KVCache | None  # lightning state [batch, heads, head_dim, head_dim] fp32, or a KV cache
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 class LayerPlan(NamedTuple):
@@ -194,11 +188,8 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 class RingLinearModel(nnx.Module):
     """Ring-linear causal LM. `model(tokens)` -> logits; `model.forward(...)` -> ModelOutput."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat_policy: str = "none"):
-        if remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {remat_policy!r}")
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.remat_policy = remat_policy
         self.plan = layer_plan(config)
         dtype, param_dtype = config.compute_dtype, config.weight_dtype
         self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -317,8 +308,8 @@ class RingLinearModel(nnx.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     def _remat(self, fn: Any) -> Any:
-        policy = REMAT_POLICIES[self.remat_policy]
-        return fn if self.remat_policy == "none" else jax.checkpoint(fn, policy=policy)
+        name = self.config.remat_policy
+        return fn if name == "none" else jax.checkpoint(fn, policy=REMAT[name])
 
     def _run_unrolled(
         self,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import grain
 import numpy as np
 import pytest
 
@@ -107,14 +106,27 @@ def test_process_sharding_splits_documents_disjointly(tmp_path):
     config = data_config(source=str(tmp_path / "d.jsonl"), packing=False)
     seen = []
     for index in range(2):
-        shard = grain.sharding.ShardOptions(shard_index=index, shard_count=2, drop_remainder=True)
-        batches = take(make_dataset(config, seq_len=SEQ, global_batch_size=4, vocab_size=259, shard_options=shard),
-                       5)  # 5 batches x 2 rows = 10 = one epoch of this shard's 20 documents... twice over
+        batches = take(make_dataset(config, seq_len=SEQ, global_batch_size=4, vocab_size=259, process_index=index,
+                                    process_count=2), 5)  # 5 batches x 2 rows = 10 of this process's 20 documents
         rows = [ByteTokenizer().decode(row[seg > 0]) for b in batches for row, seg in
                 zip(b["inputs"], b["segment_ids"], strict=True)]
         assert all(r in texts for r in rows)
         seen.append(set(rows))
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_fixed_data_shards_make_the_global_batch_independent_of_the_process_count():
+    config = data_config(num_shards=4, num_default_documents=300)
+    alone = take(make_dataset(config, seq_len=SEQ, global_batch_size=8, vocab_size=259), 3)
+    parts = [take(make_dataset(config, seq_len=SEQ, global_batch_size=8, vocab_size=259, process_index=p,
+                               process_count=2), 3) for p in range(2)]  # fmt: skip
+    for step, batch in enumerate(alone):
+        assert batch["inputs"].shape == (8, SEQ)
+        for key, value in batch.items():
+            np.testing.assert_array_equal(value, np.concatenate([parts[0][step][key], parts[1][step][key]]))
+    with pytest.raises(DataError, match="data.num_shards=3 must be a multiple of the 2 processes"):
+        make_dataset(data_config(num_shards=3), seq_len=SEQ, global_batch_size=6, vocab_size=259, process_index=0,
+                     process_count=2)  # fmt: skip
 
 
 def test_jsonl_txt_and_arrayrecord_sources(tmp_path):

@@ -180,8 +180,15 @@ def test_a_document_of_empty_texts_is_skipped_and_an_all_empty_source_is_an_erro
     assert lengths.min() > 1, "no row is a BOS -> EOS pair from an empty document"
 
     write_jsonl(tmp_path / "sparse.jsonl", ["", "", "", "", "", "x y"])  # 5 empty documents per epoch of 6
-    take(make_dataset(data_config(source=str(tmp_path / "sparse.jsonl"), packing=False), seq_len=SEQ,
-                      global_batch_size=2, vocab_size=259), 40)  # 80 epochs: never mistaken for an empty source
+    take(
+        make_dataset(
+            data_config(source=str(tmp_path / "sparse.jsonl"), packing=False),
+            seq_len=SEQ,
+            global_batch_size=2,
+            vocab_size=259,
+        ),
+        40,
+    )  # 80 epochs: never mistaken for an empty source
 
     write_jsonl(tmp_path / "empty.jsonl", ["", "", ""])
     dataset = make_dataset(

@@ -12,7 +12,7 @@ from reference import numpy_ref
 
 from pallas_kernels.attention import causal_attention
 from pallas_kernels.gmm import grouped_matmul
-from pallas_kernels.gmm.api import default_implementation
+from pallas_kernels.gmm.api import GROUPED_MATMUL
 from pallas_kernels.gmm.tuning import tune_grouped_matmuls
 from ring_jax.layers.attention import LayerInputs, SoftmaxAttention
 from ring_jax.layers.lightning import LightningAttention, alibi_slopes, layer_decay_rates
@@ -211,22 +211,37 @@ def test_moe_block_matches_numpy(rng):
     assert np.isfinite(float(stats.z_loss)) and float(stats.z_loss) > 0
 
 
-@pytest.mark.parametrize("implementation", ["ragged_dot", "reference"])
-def test_grouped_matmul_matches_per_group_products(rng, implementation):
-    group_sizes = np.array([3, 0, 5, 1, 0, 4], np.int32)  # empty groups included
-    lhs = rng.normal(size=(int(group_sizes.sum()) + 2, 6)).astype(np.float32)  # 2 trailing rows outside all groups
-    rhs = rng.normal(size=(6, 6, 5)).astype(np.float32)
-    out = np.asarray(grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes),
-                                    implementation=implementation))  # fmt: skip
+ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="GPU only")
+
+
+@pytest.mark.parametrize(
+    ("implementation", "dims", "tolerance"),
+    [("ragged_dot", (6, 5), 1e-5), ("reference", (6, 5), 1e-5),
+     pytest.param("tokamax", (128, 256), 2e-2, marks=[pytest.mark.gpu, ON_GPU])],
+)  # fmt: skip
+def test_grouped_matmul_matches_per_group_products(rng, implementation, dims, tolerance):
+    """Per-group products, zeros (and zero lhs gradients) for the padding rows past every group."""
+    k, n = dims
+    group_sizes = np.array([3, 0, 5, 1, 0, 4], np.int32) * (1 if k < 100 else 40)  # empty groups included
+    rows = int(group_sizes.sum()) + 2 * (1 if k < 100 else 64)  # trailing rows outside all groups
+    lhs = rng.normal(size=(rows, k)).astype(np.float32)
+    rhs = rng.normal(size=(6, k, n)).astype(np.float32)
+    dtype = jnp.float32 if implementation != "tokamax" else jnp.bfloat16
+    args = (jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype), jnp.asarray(group_sizes))
+    out = np.asarray(grouped_matmul(*args, implementation=implementation), np.float32)
+    grad_lhs = np.asarray(jax.grad(lambda a, *rest: jnp.sum(grouped_matmul(a, *rest, implementation=implementation)
+                                                            .astype(jnp.float32)))(*args), np.float32)  # fmt: skip
     start = 0
     for group, size in enumerate(group_sizes):
-        np.testing.assert_allclose(out[start : start + size], lhs[start : start + size] @ rhs[group], rtol=1e-5)
+        expected = lhs[start : start + size] @ rhs[group]
+        assert relative_error(out[start : start + size], expected) < tolerance
         start += size
     np.testing.assert_array_equal(out[start:], 0.0)
+    np.testing.assert_array_equal(grad_lhs[start:], 0.0)
 
 
 def test_grouped_matmul_rejects_unknown_implementation():
-    with pytest.raises(ValueError, match="unknown grouped_matmul implementation"):
+    with pytest.raises(ValueError, match="grouped_matmul: unknown implementation .cublas."):
         grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]), implementation="cublas")
 
 
@@ -289,7 +304,7 @@ def test_dispatch_implementations_agree_with_gradients(rng):
 def test_platform_defaults_on_cpu_and_unknown_names(rng):
     """On CPU: the grouped matmul defaults to XLA's ragged_dot, attention None is XLA's, kernel tuning does
     nothing (it searches tokamax GPU kernels only); unknown names are refused."""
-    assert default_implementation() == "ragged_dot"
+    assert GROUPED_MATMUL.select(None) == "ragged_dot"
     q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32) for _ in range(2))
     segments = jnp.asarray(np.repeat([[1] * 5 + [2] * 7], 2, axis=0), jnp.int32)
@@ -300,7 +315,7 @@ def test_platform_defaults_on_cpu_and_unknown_names(rng):
     packed = causal_attention(q, k, v, segment_ids=segments)
     alone = causal_attention(q[:, 5:], k[:, 5:], v[:, 5:])
     assert relative_error(packed[:, 5:], alone) < 1e-5
-    with pytest.raises(ValueError, match="unknown attention implementation"):
+    with pytest.raises(ValueError, match="causal_attention: unknown implementation 'flash'"):
         causal_attention(q, k, v, implementation="flash")
     lowered = jax.jit(lambda a: grouped_matmul(a, a[None], jnp.array([4]))).lower(jnp.ones((4, 4)))
     assert tune_grouped_matmuls(lowered) == []

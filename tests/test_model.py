@@ -241,7 +241,7 @@ def test_sharding_rules_fit_any_mesh():
     sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 2}
     fake_mesh = type("FakeMesh", (), {"axis_names": MESH_AXES, "shape": sizes})
     assert fit_spec(PartitionSpec("tensor", "fsdp"), (131, 8), fake_mesh) == PartitionSpec(None, "fsdp")
-    with pytest.raises(ValueError, match="needs 64 devices"):
+    with pytest.raises(ValueError, match="mesh: axis sizes .* need 64 devices"):
         make_mesh({"data": 64})
 
 
@@ -252,3 +252,24 @@ def test_padding_does_not_count_in_expert_load(tiny_model):
     np.testing.assert_array_equal(out.expert_load.sum(-1), 13 * 2)  # 13 real tokens, top-2
     unmasked = jit_forward(tiny_model)(tokens)
     np.testing.assert_array_equal(out.logits, unmasked.logits)  # padding is still routed: outputs unchanged
+
+
+def test_model_fields_are_declared_once():
+    """Defaults, the HF config.json mapping and the README table all come from the ModelConfig declarations."""
+    import pathlib
+
+    from ring_jax.config import fields_table_markdown, model_fields
+    from ring_jax.convert.hf_config import MODEL_FIELDS
+
+    fields = model_fields()
+    assert ModelConfig.from_config(model_defaults()) == ModelConfig()  # defaults = the dataclass defaults
+    assert set(model_defaults().to_dict()) == set(fields)
+    assert set(MODEL_FIELDS) == {name for name, f in fields.items() if f.metadata["kind"] == "hf"}
+    assert {f.metadata["kind"] for f in fields.values()} == {"hf", "architecture", "runtime"}
+    runtime = {name for name, f in fields.items() if f.metadata["kind"] == "runtime"}
+    assert {"dtype", "param_dtype", "scan_layers", "remat_policy", "gmm_implementation"} <= runtime
+    assert set(ModelConfig().architecture()) == set(fields) - runtime
+    assert all(f.metadata["doc"] for f in fields.values())
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("<!-- model-fields:begin -->\n")[1].split("\n<!-- model-fields:end -->")[0]
+    assert block == fields_table_markdown(), "README's model field table is stale: paste fields_table_markdown()"

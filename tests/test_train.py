@@ -15,10 +15,11 @@ from test_train_helpers import tiny_config
 from ring_jax.config import ConfigError
 from ring_jax.data.pipeline import make_dataset
 from ring_jax.data.sources import DataError
+from ring_jax.sharding import make_mesh
 from ring_jax.train.checkpoint import Checkpointer, all_finite
 from ring_jax.train.loop import NonFiniteError, train, validate
 from ring_jax.train.optim import decay_mask, make_optimizer, make_schedule
-from ring_jax.train.state import StateFactory, make_mesh
+from ring_jax.train.state import StateFactory
 from ring_jax.train.step import make_train_step, mtp_targets, update_expert_bias
 
 
@@ -54,7 +55,7 @@ def test_no_weight_decay_on_the_model_norm_scales():
     config = tiny_config()
     config.optim.update(learning_rate=0.1, weight_decay=0.5, warmup_steps=0, clip_norm=0.0)
     factory, _ = _factory_and_step(config)
-    params = factory.init()["params"]
+    params = factory.init().params
     tx = factory.tx
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     moved = {
@@ -122,19 +123,19 @@ def test_resume_is_bitwise_exact(tmp_path):
 def _factory_and_step(config):
     model_config = validate(config)
     tx, _ = make_optimizer(config.optim, config.train.steps)
-    factory = StateFactory(model_config, tx, make_mesh(config.mesh), seed=0, remat_policy=config.train.remat_policy)
+    factory = StateFactory(model_config, tx, make_mesh(config.mesh, use_all=True), seed=0)
     return factory, make_train_step(factory, config)
 
 
 def test_gradient_accumulation_and_remat_match_one_big_batch():
     results = []
-    for overrides in (dict(), dict(train__grad_accum_steps=2, train__remat_policy="full")):
+    for overrides in (dict(), dict(train__grad_accum_steps=2, model__remat_policy="full")):
         config = tiny_config(**overrides)
         factory, train_step = _factory_and_step(config)
         batch = next(iter(make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=272)))
         with jax.set_mesh(factory.mesh):
             state, metrics = train_step(factory.init(), batch)
-        results.append(jax.device_get((metrics, state["params"], state["expert_load"])))
+        results.append(jax.device_get((metrics, state.params, state.expert_load)))
     (one, params_one, load_one), (accumulated, params_acc, load_acc) = results
     for key in ("loss", "ce_loss", "grad_norm", "loss_tokens"):
         np.testing.assert_allclose(accumulated[key], one[key], rtol=2e-5)
@@ -155,12 +156,12 @@ def test_non_finite_step_leaves_state_unchanged_and_bias_moves():
         state, metrics = train_step(state, poisoned)
         assert not bool(metrics["finite"])
         after = jax.device_get(state)
-        assert int(after["step"]) == 1
+        assert int(after.step) == 1
         for key in ("params", "opt_state", "expert_bias"):
-            jax.tree.map(np.testing.assert_array_equal, after[key], before[key])
+            jax.tree.map(np.testing.assert_array_equal, getattr(after, key), getattr(before, key))
         state, metrics = train_step(state, next(batches))
-        assert bool(metrics["finite"]) and all_finite(state["params"])
-        bias = np.concatenate([np.ravel(b) for b in jax.tree.leaves(jax.device_get(state["expert_bias"]))])
+        assert bool(metrics["finite"]) and all_finite(state.params)
+        bias = np.concatenate([np.ravel(b) for b in jax.tree.leaves(jax.device_get(state.expert_bias))])
         assert np.abs(bias).max() > 0.004, "biases move by rate * (sign - mean sign) after a finite step"
         assert np.abs(bias.reshape(-1, 4).sum(-1)).max() < 1e-6  # zero-mean variant keeps each layer's sum
 
@@ -224,10 +225,10 @@ def test_scanned_cycles_train_like_unrolled_layers():
         batch = next(iter(data))
         with jax.set_mesh(factory.mesh):
             state, metrics = train_step(factory.init(), batch)
-        bias = jax.device_get(state["expert_bias"])
+        bias = jax.device_get(state.expert_bias)
         cycle_bias = np.asarray(bias["cycles"]["layers"][0]["mlp"]["router"]["expert_bias"])
         assert cycle_bias.shape == (1, 4) and np.abs(cycle_bias).max() > 0.004
-        loads = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state["expert_load"]))]
+        loads = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.expert_load))]
         real_tokens = float((batch["segment_ids"] > 0).sum())
         assert sum(float(x.sum()) for x in loads) == pytest.approx(5 * real_tokens * 2)  # 5 MoE layers, top-2
         losses.append(float(metrics["loss"]))
@@ -262,7 +263,7 @@ def test_fused_chunked_loss_step_matches_full_logits_step():
         batch = next(iter(make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=272)))
         with jax.set_mesh(factory.mesh):
             state, metrics = train_step(factory.init(), batch)
-        results.append(jax.device_get((metrics, state["params"])))
+        results.append(jax.device_get((metrics, state.params)))
     (chunked, params_chunked), (reference, params_reference) = results
     assert float(chunked["mtp_loss"]) > 0
     for key in ("loss", "ce_loss", "mtp_loss", "grad_norm"):

@@ -19,12 +19,13 @@ from test_train_helpers import tiny_config
 
 from ring_jax.config import ConfigError
 from ring_jax.data.pipeline import make_dataset
+from ring_jax.sharding import make_mesh
 from ring_jax.train.checkpoint import DAMAGED_DIR, Checkpointer, ResumeError
 from ring_jax.train.loop import train, validate
 from ring_jax.train.metrics import MetricsWriter
 from ring_jax.train.optim import effective_warmup_steps, make_optimizer
 from ring_jax.train.run_config import check_resume_config, config_changes
-from ring_jax.train.state import StateFactory, make_mesh
+from ring_jax.train.state import StateFactory
 from ring_jax.train.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 
 
@@ -50,7 +51,7 @@ def _copy(tiny_run, tmp_path):
 def _restore_latest(workdir):
     config = _config()
     tx, _ = make_optimizer(config.optim, config.train.steps)
-    factory = StateFactory(validate(config), tx, make_mesh(config.mesh), seed=0, remat_policy="none")
+    factory = StateFactory(validate(config), tx, make_mesh(config.mesh, use_all=True), seed=0)
     data = iter(make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=config.model.vocab_size))
     checkpointer = Checkpointer(str(workdir / "checkpoints"), every_n_steps=2, keep=3)
     try:
@@ -88,7 +89,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_kept(tiny_run, tmp_path, cap
     damage, reason = DAMAGE[kind]
     damage(workdir / "checkpoints" / "4")
     step, state = _restore_latest(workdir)
-    assert step == 2 and int(state["step"]) == 2
+    assert step == 2 and int(state.step) == 2
     printed = capsys.readouterr().out
     assert "checkpoint: step 4 is damaged and skipped (" in printed
     assert re.search(reason, printed), printed
@@ -190,6 +191,11 @@ def test_config_changes_split_architecture_from_runtime():
         "model.rope_scaling: None -> {'factor': 2.0, 'rope_type': 'linear'}",
     ]
     assert runtime == ["mesh.data: 1 -> 2", "model.scan_layers: True -> False", "optim.new: '<absent>' -> 1"]
+    # a config saved before a model field existed meant its default
+    assert config_changes(saved, {**saved, "model": {**saved["model"], "use_qk_norm": True}}) == ([], [])
+    assert config_changes(saved, {**saved, "model": {**saved["model"], "use_qk_norm": False}})[0] == [
+        "model.use_qk_norm: True -> False"
+    ]
 
 
 def test_effective_warmup_steps():
@@ -204,7 +210,7 @@ def test_effective_warmup_steps():
     [
         (dict(optim__learning_rate=float("inf")), "optim.learning_rate: must be a finite number"),
         (dict(optim__b2=float("nan")), "optim.b2: must be a finite number"),
-        (dict(model__rope_theta=float("inf")), "model.rope_theta: must be finite"),
+        (dict(model__rope_theta=float("inf")), "model.rope_theta: must be a finite number"),
     ],
 )
 def test_non_finite_config_values_are_refused(overrides, field):

@@ -1,5 +1,5 @@
 """Causal (GQA) softmax attention with packed-sequence and KV-cache masking."""
 
-from pallas_kernels.attention.api import causal_attention
+from pallas_kernels.attention.api import ATTENTION, causal_attention
 
-__all__ = ["causal_attention"]
+__all__ = ["ATTENTION", "causal_attention"]

@@ -1,11 +1,11 @@
-"""Causal softmax attention: `jax.nn.dot_product_attention` (XLA or cuDNN) or tokamax's flash attention.
+"""Causal softmax attention (GQA) with packed-sequence and KV-cache masks; implementations chosen through
+`pallas_kernels.dispatch`.
 
 The plain causal case passes `is_causal=True` so fused kernels use their causal path; packed sequences and cached
 decoding add an explicit boolean mask [batch, 1, q_len, kv_len] (causal ∧ same segment).
-Implementations: "xla" / "cudnn" (`jax.nn.dot_product_attention`), "tokamax" (`tokamax.dot_product_attention`
-pinned to its Mosaic kernels, GPU Hopper / TPU: an unsupported case raises instead of falling back to XLA).
-None picks: on GPU with tokamax installed (the `gpu` extra), tokamax's Mosaic kernel for training-shaped calls
-(no cache; falling back to tokamax's XLA version where the kernel declines), XLA otherwise.
+Implementations: "xla" / "cudnn" (`jax.nn.dot_product_attention`), "tokamax" (tokamax's flash attention, Mosaic
+kernels, GPU Hopper / TPU, the `gpu` extra). None tries, per platform: GPU "tokamax" (training-shaped calls: no KV
+cache) then "xla"; TPU and CPU "xla".
 """
 
 from __future__ import annotations
@@ -13,9 +13,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.platform import tokamax_on_gpu
+from pallas_kernels.dispatch import Implementation, Op, with_package
 
-IMPLEMENTATIONS = (None, "xla", "cudnn", "tokamax")
+ATTENTION = Op(
+    "causal_attention",
+    "pallas_kernels.attention",
+    {
+        "xla": Implementation("xla:attention_xla"),
+        "cudnn": Implementation("xla:attention_cudnn", available=with_package("jax", "gpu")),
+        "tokamax": Implementation("tokamax_mosaic:attention_tokamax", available=with_package("tokamax", "gpu",
+                                                                                            "tpu")),
+    },
+    {"gpu": ("tokamax", "xla"), "tpu": ("xla",), "cpu": ("xla",)},
+)
 
 
 def causal_attention(
@@ -34,10 +44,13 @@ def causal_attention(
     segment_ids [batch, q_len] (only without a cache, where q_len == kv_len); query_offset: number of cached tokens
     before q (None: no cache). Returns [batch, q_len, heads, head_dim] in q's dtype.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     if segment_ids is not None and query_offset is not None:
         raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+
+    def supports(name: str) -> str | None:
+        return "KV-cache decoding is not supported" if name == "tokamax" and query_offset is not None else None
+
+    fn = ATTENTION.resolve(implementation, supports)
     mask = None
     if query_offset is not None:
         q_len, kv_len = q.shape[1], k.shape[1]
@@ -45,18 +58,4 @@ def causal_attention(
         mask = (jnp.arange(kv_len)[None, :] <= query_index)[None, None]
     if segment_ids is not None:
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    is_causal = query_offset is None  # with a cache, the causal part lives in the offset mask
-    tokamax_choice = "mosaic" if implementation == "tokamax" else None
-    if implementation is None and query_offset is None and tokamax_on_gpu():
-        tokamax_choice = ("mosaic", "xla")
-    if tokamax_choice is not None:
-        import tokamax
-
-        return tokamax.dot_product_attention(
-            q, k, v, mask=mask, scale=scale, is_causal=is_causal, implementation=tokamax_choice
-        )
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, is_causal=is_causal,
-        implementation=None if implementation == "xla" else implementation,
-    )
-
+    return fn(q, k, v, mask=mask, scale=scale, is_causal=query_offset is None)  # with a cache, causality is the mask

@@ -1,10 +1,8 @@
-"""`grouped_matmul(..., implementation=)`: the one entry point the MoE layer calls.
+"""`grouped_matmul(..., implementation=)`: the one entry point the MoE layer calls (see `pallas_kernels.dispatch`).
 
-Implementations: "ragged_dot" (XLA `jax.lax.ragged_dot`: good on TPU and CPU; on GPU it materialises a dense masked
-product, ~100x slower), "reference" (pure jnp, for tests), "tokamax" (`tokamax.ragged_dot` pinned to its Mosaic
-GPU / TPU kernels: an unsupported case fails loudly instead of silently falling back to XLA's dense GPU path).
-None picks per platform: "tokamax" on GPU when it is installed (the `gpu` extra), else "ragged_dot".
-Faster kernels with their own custom VJPs plug in here.
+Implementations: "tokamax" (tokamax's Mosaic kernels, GPU / TPU, with the `gpu` extra), "ragged_dot" (XLA), and
+"reference" (pure jnp, for tests). None tries, per platform: GPU "tokamax" then "ragged_dot"; TPU and CPU
+"ragged_dot".
 """
 
 from __future__ import annotations
@@ -12,15 +10,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gmm.reference import grouped_matmul_reference
-from pallas_kernels.platform import tokamax_on_gpu
+from pallas_kernels.dispatch import Implementation, Op, with_package
 
-IMPLEMENTATIONS = (None, "ragged_dot", "reference", "tokamax")
-
-
-def default_implementation() -> str:
-    """The implementation None resolves to on the default backend."""
-    return "tokamax" if tokamax_on_gpu() else "ragged_dot"
+GROUPED_MATMUL = Op(
+    "grouped_matmul",
+    "pallas_kernels.gmm",
+    {
+        "tokamax": Implementation("tokamax_mosaic:grouped_matmul_tokamax", available=with_package("tokamax", "gpu",
+                                                                                                   "tpu")),
+        "ragged_dot": Implementation("xla:grouped_matmul_ragged_dot"),
+        "reference": Implementation("reference:grouped_matmul_reference"),
+    },
+    {"gpu": ("tokamax", "ragged_dot"), "tpu": ("ragged_dot",), "cpu": ("ragged_dot",)},
+)
 
 
 def grouped_matmul(
@@ -31,17 +33,8 @@ def grouped_matmul(
     implementation: str | None = None,
     preferred_element_type: jnp.dtype | None = None,
 ) -> jax.Array:
-    """lhs [rows, k] sorted by group, rhs [groups, k, n], group_sizes [groups] int32 -> [rows, n]."""
-    if implementation is None:
-        implementation = default_implementation()
-    if implementation == "ragged_dot":
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
-    if implementation == "reference":
-        return grouped_matmul_reference(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
-    if implementation == "tokamax":
-        import tokamax
+    """lhs [rows, k] sorted by group, rhs [groups, k, n], group_sizes [groups] int32 -> [rows, n].
 
-        return tokamax.ragged_dot(
-            lhs, rhs, group_sizes, preferred_element_type=preferred_element_type, implementation="mosaic"
-        )
-    raise ValueError(f"unknown grouped_matmul implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+    Rows past sum(group_sizes) (padding) give zeros."""
+    fn = GROUPED_MATMUL.resolve(implementation)
+    return fn(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)

@@ -17,7 +17,12 @@ from typing import Any, NamedTuple
 
 import jax
 
-from pallas_kernels.platform import tokamax_on_gpu
+from pallas_kernels.gmm.api import GROUPED_MATMUL
+
+
+def tokamax_available() -> bool:
+    """True on a GPU where the "tokamax" grouped matmul can run (the candidate configs below are GPU ones)."""
+    return jax.default_backend() == "gpu" and GROUPED_MATMUL.unavailable_reason("tokamax") is None
 
 
 class TunedOp(NamedTuple):
@@ -52,7 +57,7 @@ def _shapes(bound_args: Any) -> str:
 def load_tuned_configs(cache_file: str) -> list[TunedOp] | None:
     """Installs the configs `tune_grouped_matmuls` saved to `cache_file` in tokamax's in-process cache; None when
     there is no such file or it was tuned on another card kind (then search again). Clears JAX's caches."""
-    if not (tokamax_on_gpu() and os.path.exists(cache_file)):
+    if not (tokamax_available() and os.path.exists(cache_file)):
         return None
     import tokamax
 
@@ -73,7 +78,7 @@ def tune_grouped_matmuls(lowered: jax.stages.Lowered, cache_file: str | None = N
 
     Clears JAX's caches afterwards so that functions traced before pick the new configs when traced again.
     """
-    if not tokamax_on_gpu():
+    if not tokamax_available():
         return []
     import tokamax
     from tqdm import tqdm

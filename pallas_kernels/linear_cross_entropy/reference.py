@@ -13,9 +13,11 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def linear_cross_entropy_reference(
-    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, chunk_size: int | None = None
 ) -> jax.Array:
     """Σ_t weights[t] · CE(hidden[t] @ kernel, targets[t]) as an fp32 scalar.
+
+    chunk_size is accepted for the op's common signature and ignored: the reference forms every logit at once.
 
     hidden [tokens, hidden_size] (compute dtype); kernel [hidden_size, vocab] (cast to hidden's dtype, products
     accumulated in fp32); targets [tokens] int; weights [tokens] fp32 (loss mask over the normaliser).

@@ -8,11 +8,15 @@ export) and inert metadata (token ids, auto_map, transformers_version, …) that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ring_jax.config import REQUIRED, model_fields
+from ring_jax.errors import RingJaxError
 
 MODEL_TYPE = "bailing_moe_linear"
 ARCHITECTURE = "BailingMoeLinearV2ForCausalLM"
@@ -26,42 +30,21 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_bailing_moe_linear_v2.BailingMoeLinearV2ForCausalLM",
 }
 
-_REQUIRED = object()
 
-# Fields shared 1:1 by config.json and config.model: name -> (python type, default when config.json lacks it).
-MODEL_FIELDS: dict[str, tuple[type | tuple[type, ...], Any]] = {
-    "hidden_size": (int, _REQUIRED),
-    "num_hidden_layers": (int, _REQUIRED),
-    "num_attention_heads": (int, _REQUIRED),
-    "num_key_value_heads": (int, None),  # None: = num_attention_heads
-    "head_dim": (int, None),  # None: = hidden_size // num_attention_heads
-    "vocab_size": (int, _REQUIRED),
-    "intermediate_size": (int, _REQUIRED),
-    "moe_intermediate_size": (int, _REQUIRED),
-    "moe_shared_expert_intermediate_size": (int, _REQUIRED),
-    "num_experts": (int, _REQUIRED),
-    "num_experts_per_tok": (int, _REQUIRED),
-    "num_shared_experts": (int, _REQUIRED),
-    "n_group": (int, _REQUIRED),
-    "topk_group": (int, _REQUIRED),
-    "routed_scaling_factor": ((int, float), _REQUIRED),
-    "first_k_dense_replace": (int, _REQUIRED),
-    "layer_group_size": (int, _REQUIRED),
-    "group_norm_size": (int, _REQUIRED),
-    "partial_rotary_factor": ((int, float), _REQUIRED),
-    "rope_theta": ((int, float), _REQUIRED),
-    "rope_scaling": ((dict, type(None)), None),
-    "max_position_embeddings": (int, _REQUIRED),
-    "rms_norm_eps": ((int, float), _REQUIRED),
-    "use_qk_norm": (bool, _REQUIRED),
-    "norm_topk_prob": (bool, _REQUIRED),
-    "num_nextn_predict_layers": (int, 0),
-    "moe_router_enable_expert_bias": (bool, _REQUIRED),
-    "score_function": (str, "sigmoid"),
-    "tie_word_embeddings": (bool, False),
-    "linear_silu": (bool, False),
-    "use_bias": (bool, False),
-    "use_qkv_bias": (bool, False),
+def _json_types(field: dataclasses.Field) -> tuple[type, ...]:
+    """The JSON value types config.json may hold for a model field (from its default's type)."""
+    if field.name == "rope_scaling":
+        return (dict, type(None))
+    kind = type(field.default)
+    return (int, float) if kind is float else (kind,)
+
+
+# Fields shared 1:1 by config.json and config.model (the `hf` fields of `ring_jax.config.ModelConfig`):
+# name -> (JSON types, value when config.json lacks it: REQUIRED, or None = derived below).
+MODEL_FIELDS: dict[str, tuple[tuple[type, ...], Any]] = {
+    name: (_json_types(field), field.metadata["when_missing"])
+    for name, field in model_fields().items()
+    if field.metadata["kind"] == "hf"
 }
 
 # Fields whose value ring_jax implements in exactly one way: checked on import, written on export.
@@ -93,7 +76,7 @@ PASSTHROUGH_DEFAULTS: dict[str, Any] = {
 _REGENERATED = frozenset({"model_type", "architectures", "torch_dtype", "dtype", "_name_or_path"})
 
 
-class HFConfigError(ValueError):
+class HFConfigError(RingJaxError):
     """A config.json that ring_jax cannot represent; the message names the file and field."""
 
 
@@ -131,7 +114,7 @@ def hf_to_model_fields(hf: Mapping[str, Any], where: str = "config.json") -> tup
             _check_type(name, hf[name], types, where)
             value = hf[name]
             fields[name] = dict(value) if isinstance(value, dict) else value
-        elif default is _REQUIRED:
+        elif default == REQUIRED:
             raise HFConfigError(f"{where}: required field {name!r} is missing")
         else:
             fields[name] = default

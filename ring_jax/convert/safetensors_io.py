@@ -17,6 +17,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ring_jax.errors import RingJaxError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Tokenizer, generation and remote-code files copied alongside the weights when present.
@@ -37,7 +39,7 @@ ASSET_PATTERNS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RingJaxError):
     """A checkpoint that cannot be converted; the message names the tensor and/or file."""
 
 

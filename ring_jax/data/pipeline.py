@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -221,25 +222,47 @@ def make_dataset(
     seq_len: int,
     global_batch_size: int,
     vocab_size: int,
-    shard_options: grain.sharding.ShardOptions | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> grain.IterDataset:
     """Infinite, deterministic IterDataset of this process's batches [global_batch / processes, seq_len].
 
+    The documents are split into `data.num_shards` shards (0: one per process), each packed into its own rows:
+    a process reads the shards of its rows, so the global batch does not depend on how many processes load it.
     Raises DataError (before anything compiles) for missing files or a tokenizer larger than the model vocab.
     """
-    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    if global_batch_size % shard_options.shard_count:
-        raise DataError(f"train.batch_size={global_batch_size} is not divisible by the "
-                        f"{shard_options.shard_count} data-loading processes")
-    rows = global_batch_size // shard_options.shard_count
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    num_shards = data_config.num_shards or process_count
+    if num_shards % process_count:
+        raise DataError(f"data.num_shards={num_shards} must be a multiple of the {process_count} processes")
+    if global_batch_size % num_shards:
+        raise DataError(f"train.batch_size={global_batch_size} is not divisible by the {num_shards} data shards "
+                        f"(data.num_shards, default one per process)")
+    rows = global_batch_size // num_shards
     tokenizer = make_tokenizer(data_config.tokenizer)
     check_tokenizer_fits(tokenizer, vocab_size, data_config.tokenizer)
-
     source = make_source(data_config)
-    documents = grain.MapDataset.source(source)[shard_options.shard_index::shard_options.shard_count]
+    per_process = num_shards // process_count
+    shards = [_shard_batches(data_config, source, tokenizer, seq_len, rows, vocab_size, index, num_shards)
+              for index in range(process_index * per_process, (process_index + 1) * per_process)]  # fmt: skip
+    batches = shards[0] if len(shards) == 1 else grain.experimental.ZipIterDataset(shards).map(_ConcatRows())
+    if data_config.worker_count > 0:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+    return batches
+
+
+class _ConcatRows(grain.transforms.Map):
+    def map(self, parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _shard_batches(data_config, source, tokenizer: Tokenizer, seq_len: int, rows: int, vocab_size: int, shard: int,
+                   num_shards: int) -> grain.IterDataset:  # fmt: skip
+    """Batches [rows, seq_len] of the documents of one shard (documents shard, shard + num_shards, ...)."""
+    documents = grain.MapDataset.source(source)[shard::num_shards]
     if len(documents) == 0:
-        raise DataError(f"data.source: process {shard_options.shard_index} of {shard_options.shard_count} "
-                        f"gets no documents ({len(source)} in total)")
+        raise DataError(f"data.source: data shard {shard} of {num_shards} gets no documents ({len(source)} in total)")
     shuffled = documents.shuffle(seed=data_config.shuffle_seed).repeat().to_iter_dataset()
     windows = _DocumentWindows(shuffled, tokenizer=tokenizer, seq_len=seq_len, vocab_size=vocab_size,
                                num_documents=len(documents), source_name=data_config.source)
@@ -250,7 +273,4 @@ def make_dataset(
         ).map(_FromPacked())
     else:
         rows_ds = windows.map(_PadOne(seq_len))
-    batches = rows_ds.batch(rows, drop_remainder=True)
-    if data_config.worker_count > 0:
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-    return batches
+    return rows_ds.batch(rows, drop_remainder=True)

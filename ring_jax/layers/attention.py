@@ -13,7 +13,7 @@ from ring_jax.config import ModelConfig
 from ring_jax.layers.linear import Linear
 from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import apply_rope
-from ring_jax.sharding import constrain
+from ring_jax.sharding import constrain, per_shard
 
 
 class LayerInputs(NamedTuple):
@@ -83,12 +83,14 @@ class SoftmaxAttention(nnx.Module):
                 jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start),
             )
             k, v = cache.keys.astype(q.dtype), cache.values.astype(q.dtype)
-        out = causal_attention(
-            q,
-            k,
-            v,
-            segment_ids=inputs.segment_ids,
-            query_offset=inputs.cache_length if cache is not None else None,
-            implementation=config.attention_implementation,
+        q_names = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+        kv_names = ("activation_batch", None, "activation_heads", "activation_head_dim")  # heads split like q's
+        attend = per_shard(
+            lambda q, k, v, segments, offset: causal_attention(
+                q, k, v, segment_ids=segments, query_offset=offset, implementation=config.attention_implementation
+            ),
+            in_names=(q_names, kv_names, kv_names, ("activation_batch", "activation_length"), None),
+            out_names=q_names,
         )
+        out = attend(q, k, v, inputs.segment_ids, inputs.cache_length if cache is not None else None)
         return self.out(out.reshape(batch, seq, heads * head_dim)), cache

@@ -10,12 +10,11 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.lightning import lightning_attention, lightning_attention_decode
-from pallas_kernels.lightning.api import DECODE_IMPLEMENTATIONS
 from ring_jax.config import ModelConfig
 from ring_jax.layers.attention import LayerInputs, QKNormRope
 from ring_jax.layers.linear import Linear
 from ring_jax.layers.norms import GroupRMSNorm
-from ring_jax.sharding import constrain
+from ring_jax.sharding import constrain, per_shard
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -74,28 +73,29 @@ class LightningAttention(nnx.Module):
         names = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
         q, k, v = (constrain(t, names) for t in (q, k, v))
         decay_rates = layer_decay_rates(config, layer_index)
+        scale = head_dim**-0.5
+        state_names = ("activation_batch", "activation_heads", None, None)
         if seq == 1 and state is not None:  # generation: one recurrent step on the fp32 state
-            implementation = config.lightning_implementation
-            out, final_state = lightning_attention_decode(
-                q[:, 0],
-                k[:, 0],
-                v[:, 0],
-                decay_rates,
-                state,
-                scale=head_dim**-0.5,
-                implementation=implementation if implementation in DECODE_IMPLEMENTATIONS else None,
+            step_names = ("activation_batch", "activation_heads", "activation_head_dim")
+            decode = per_shard(
+                lambda q, k, v, rates, state: lightning_attention_decode(
+                    q, k, v, rates, state, scale=scale, implementation=config.lightning_decode_implementation
+                ),
+                in_names=(step_names, step_names, step_names, ("activation_heads",), state_names),
+                out_names=(step_names, state_names),
             )
+            out, final_state = decode(q[:, 0], k[:, 0], v[:, 0], decay_rates, state)
             out = out[:, None]
         else:
-            out, final_state = lightning_attention(
-                q,
-                k,
-                v,
-                decay_rates,
-                scale=head_dim**-0.5,
-                initial_state=state,
-                segment_ids=inputs.segment_ids,
-                implementation=config.lightning_implementation,
-            )
+            forward = per_shard(
+                lambda q, k, v, rates, state, segments: lightning_attention(
+                    q, k, v, rates, scale=scale, initial_state=state, segment_ids=segments,
+                    implementation=config.lightning_implementation,
+                ),
+                in_names=(names, names, names, ("activation_heads",), state_names,
+                          ("activation_batch", "activation_length")),
+                out_names=(names, state_names),
+            )  # fmt: skip
+            out, final_state = forward(q, k, v, decay_rates, state, inputs.segment_ids)
         gated = self.out_norm(out.reshape(batch, seq, heads * head_dim)) * jax.nn.sigmoid(self.gate(x))
         return self.out(gated), (final_state if state is not None else None)

@@ -23,13 +23,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ring_jax.errors import RingJaxError
+from ring_jax.train.state import TrainState
+
 log = logging.getLogger(__name__)
 
 DAMAGED_DIR = "checkpoints_damaged"
 _ITEMS = ("state", "data")
 
 
-class ResumeError(ValueError):
+class ResumeError(RingJaxError):
     """The workdir's checkpoints cannot be resumed: none restores, or they hold another architecture."""
 
 
@@ -90,7 +93,7 @@ def _all_processes(flag: bool) -> bool:
 
 
 class Checkpointer:
-    """Saves {'state': pytree of arrays, 'data': grain iterator} under `directory/<step>`."""
+    """Saves {'state': the TrainState as a dict of its fields, 'data': grain iterator} under `directory/<step>`."""
 
     def __init__(self, directory: str, *, every_n_steps: int, keep: int, async_save: bool = True):
         self._every_n_steps = every_n_steps
@@ -124,18 +127,21 @@ class Checkpointer:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(state.to_checkpoint()),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
             ),
             force=True,
         )
 
-    def restore_latest(self, abstract_state, data_iterator: grain.DatasetIterator) -> tuple[int, object] | None:
+    def restore_latest(self, abstract_state: TrainState,
+                       data_iterator: grain.DatasetIterator) -> tuple[int, TrainState] | None:
         """(step, state) of the newest checkpoint that restores (see the module docstring), or None if there is none.
 
-        Raises ResumeError when checkpoints exist but none restores, or when their shapes are another model's.
+        `abstract_state` is a TrainState of ShapeDtypeStructs (with shardings); `data_iterator` is moved to the
+        restored position. Raises ResumeError when checkpoints exist but none restores, or when their shapes are
+        another model's.
         """
-        expected = _shapes(abstract_state)
+        expected = _shapes(abstract_state.to_checkpoint())
         skipped: list[tuple[int, str]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             reason, state = self._damage(step, expected), None
@@ -175,18 +181,18 @@ class Checkpointer:
             raise ResumeError(f"checkpoint: step {step} in {self.directory} is another architecture: {mismatch}")
         return None
 
-    def _restore_items(self, step: int, abstract_state,
-                       data_iterator: grain.DatasetIterator) -> tuple[object, str | None]:
+    def _restore_items(self, step: int, abstract_state: TrainState,
+                       data_iterator: grain.DatasetIterator) -> tuple[TrainState | None, str | None]:
         """(state, None), or (None, why) naming the item that failed; restores the items one at a time."""
         state = None
-        for item, args in (("state", ocp.args.StandardRestore(abstract_state)),
+        for item, args in (("state", ocp.args.StandardRestore(abstract_state.to_checkpoint())),
                            ("data", grain.checkpoint.CheckpointRestore(data_iterator))):
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**{item: args}))
             except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for unreadable data
                 return None, f"restoring {item!r} failed: {_one_line(e)}"
             if item == "state":
-                state = restored["state"]
+                state = TrainState.from_checkpoint(restored["state"])
         return state, None
 
     def _set_aside(self, steps: list[int]) -> None:

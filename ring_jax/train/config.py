@@ -1,7 +1,8 @@
-"""Training config sections (train, optim, data, checkpoint, mesh, logging) and their validation.
+"""The training config: the model section plus train, optim, data, checkpoint, mesh and logging, and their
+validation.
 
-`ring_jax.config.base_config()` merges these with the model section. Every field is documented inline;
-`validate_training` raises `ring_jax.config.ConfigError` naming the offending field before anything compiles.
+`base_config()` is what config files start from. Every training field is documented inline; `validate_training`
+raises `ConfigError` naming the offending field before anything compiles.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import Any
 
 import ml_collections
 
-from pallas_kernels.linear_cross_entropy import IMPLEMENTATIONS as LOSS_IMPLEMENTATIONS
-from ring_jax.model import REMAT_POLICIES
+from pallas_kernels.linear_cross_entropy import LINEAR_CROSS_ENTROPY
+from ring_jax.config import model_defaults
+from ring_jax.errors import ConfigError
 from ring_jax.sharding import MESH_AXES
 
 NAN_POLICIES = ("stop", "skip")
@@ -23,14 +25,14 @@ DATA_FORMATS = ("auto", "txt", "jsonl", "arrayrecord")
 def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     """Default sections of the training config, keyed by section name."""
     train = ml_collections.ConfigDict()
-    train.steps = 1000  # optimizer steps
+    train.steps = 1000  # optimizer steps (the length of the learning-rate schedule)
+    train.stop_at_step = 0  # end this invocation after this step, with a checkpoint (0: run to train.steps)
     train.batch_size = 8  # global sequences per optimizer step (split over grad_accum_steps micro-batches)
     train.seq_len = 256  # packed sequence length in tokens
     train.grad_accum_steps = 1  # micro-batches per optimizer step; batch_size must be divisible by it
     train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
     train.seed = 0  # parameter init seed
-    train.remat_policy = "none"  # one of REMAT_POLICIES (activation checkpointing of each decoder layer)
-    train.loss_implementation = "chunked"  # lm_head + cross-entropy: one of LOSS_IMPLEMENTATIONS
+    train.loss_implementation = "chunked"  # lm_head + cross-entropy: a LINEAR_CROSS_ENTROPY name or None
     train.loss_chunk_size = 4096  # 'chunked': tokens per chunk (live logits [chunk, vocab] fp32)
     train.autotune_kernels = True  # GPU: search tokamax grouped-matmul configs for the step's shapes before compiling
     train.nan_policy = "stop"  # 'stop': raise naming the step; 'skip': drop the update and continue
@@ -60,6 +62,8 @@ def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     data.packing = True  # pack several documents per row with segment ids; False pads one document per row
     data.num_default_documents = 20000  # size of the embedded synthetic corpus
     data.worker_count = 0  # grain worker processes (0 = in-process, deterministic and checkpointable)
+    data.num_shards = 0  # document shards, each packed into its own rows; 0 = one per process (fix it to keep the
+    #                      global batches of a run independent of its process count)
 
     checkpoint = ml_collections.ConfigDict()
     checkpoint.every_n_steps = 500  # 0 disables periodic saves (a final save still happens)
@@ -88,16 +92,18 @@ def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     }
 
 
-def _config_error(message: str) -> Exception:
-    # Imported lazily: ring_jax.config imports this module for base_config().
-    from ring_jax.config import ConfigError
-
-    return ConfigError(message)
+def base_config() -> ml_collections.ConfigDict:
+    """The full config: the `model` section (Ring-mini-linear-2.0 defaults) plus the training sections."""
+    config = ml_collections.ConfigDict()
+    config.model = model_defaults()
+    for name, section in training_defaults().items():
+        config[name] = section
+    return config
 
 
 def _require(condition: bool, field: str, message: str, value: Any) -> None:
     if not condition:
-        raise _config_error(f"{field}: {message} (got {value!r})")
+        raise ConfigError(f"{field}: {message} (got {value!r})")
 
 
 def _check_positive_int(section: ml_collections.ConfigDict, name: str, prefix: str, allow_zero=False) -> None:
@@ -126,12 +132,11 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
 
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "max_skipped_steps"):
         _check_positive_int(train, name, "train")
+    _check_positive_int(train, "stop_at_step", "train", allow_zero=True)
     _require(train.batch_size % train.grad_accum_steps == 0, "train.batch_size",
              f"must be divisible by train.grad_accum_steps={train.grad_accum_steps}", train.batch_size)
-    _require(train.remat_policy in REMAT_POLICIES, "train.remat_policy", f"must be one of {tuple(REMAT_POLICIES)}",
-             train.remat_policy)
-    _require(train.loss_implementation in LOSS_IMPLEMENTATIONS, "train.loss_implementation",
-             f"must be one of {LOSS_IMPLEMENTATIONS}", train.loss_implementation)
+    _require(train.loss_implementation in LINEAR_CROSS_ENTROPY.choices(), "train.loss_implementation",
+             f"must be one of {LINEAR_CROSS_ENTROPY.choices()}", train.loss_implementation)
     _check_positive_int(train, "loss_chunk_size", "train")
     _require(train.nan_policy in NAN_POLICIES, "train.nan_policy", f"must be one of {NAN_POLICIES}",
              train.nan_policy)
@@ -157,6 +162,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
              "must be 'bytes' or a path to tokenizer.json", data.tokenizer)
     _check_positive_int(data, "num_default_documents", "data")
     _check_positive_int(data, "worker_count", "data", allow_zero=True)
+    _check_positive_int(data, "num_shards", "data", allow_zero=True)
 
     _check_positive_int(ckpt, "every_n_steps", "checkpoint", allow_zero=True)
     _check_positive_int(ckpt, "keep", "checkpoint")

@@ -23,11 +23,12 @@ from jax.experimental import multihost_utils
 
 from ring_jax.config import ModelConfig
 from ring_jax.data.pipeline import make_dataset
+from ring_jax.sharding import make_mesh
 from ring_jax.train.checkpoint import Checkpointer, has_checkpoints
 from ring_jax.train.metrics import MetricsWriter, ProgressBar
 from ring_jax.train.optim import effective_warmup_steps, make_optimizer
 from ring_jax.train.run_config import check_resume_config, save_config
-from ring_jax.train.state import StateFactory, make_mesh, validate
+from ring_jax.train.state import StateFactory, validate
 from ring_jax.train.step import make_train_step
 from ring_jax.train.tuning import KERNEL_TUNING_FILE, tune_kernels
 from ring_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
@@ -126,11 +127,13 @@ def _any_process(flag: bool) -> bool:
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> TrainResult:
     """Trains `config` in `workdir` (resuming from its latest checkpoint that restores); returns what happened.
 
-    `stop_at_step` ends this invocation early (with a checkpoint) without changing the schedule, which
-    always spans `train.steps`; a later call continues from there. The workdir is locked for the whole call: a
-    second run on it raises WorkdirLockedError naming the holder.
+    `stop_at_step` (default: `train.stop_at_step`, 0 = none) ends this invocation early (with a checkpoint) without
+    changing the schedule, which always spans `train.steps`; a later call continues from there. The workdir is
+    locked for the whole call: a second run on it raises WorkdirLockedError naming the holder.
     """
     model_config = validate(config)
+    if stop_at_step is None and config.train.stop_at_step:
+        stop_at_step = config.train.stop_at_step
     with _exclusive_workdir(workdir):
         return _train_locked(config, model_config, workdir, stop_at_step)
 
@@ -149,9 +152,9 @@ def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig, 
     next(iter(dataset))  # a first batch through every check (token ids < vocab) before anything compiles
     data_iterator = iter(dataset)
 
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, use_all=True)
     tx, _ = make_optimizer(config.optim, train_cfg.steps)
-    factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed, remat_policy=train_cfg.remat_policy)
+    factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed)
     checkpointer = Checkpointer(checkpoint_dir, every_n_steps=ckpt_cfg.every_n_steps, keep=ckpt_cfg.keep,
                                 async_save=ckpt_cfg.async_save)
     try:
@@ -162,7 +165,7 @@ def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig, 
     latest, state = resumed if resumed is not None else (None, factory.init())
     if jax.process_index() == 0:
         save_config(config, workdir)  # only once the checkpoint is known to fit this config
-    start_step = int(jax.device_get(state["step"]))
+    start_step = int(jax.device_get(state.step))
     print(f"train: {'resuming at' if latest is not None else 'starting at'} step {start_step}", flush=True)
 
     train_step = make_train_step(factory, config)

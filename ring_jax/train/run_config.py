@@ -15,22 +15,31 @@ from typing import Any
 
 import ml_collections
 
-from ring_jax.config import RING_JAX_FIELDS, ConfigError
+from ring_jax.config import model_fields
+from ring_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 _MISSING = "<absent>"
 
 
 def is_architecture_field(dotted: str) -> bool:
-    """True for a field that defines the model's weights or function (`model.*` HF fields and the lightning decay
-    offset); false for runtime choices (every training section, model dtypes, kernels, scan, the MTP loss weight)."""
+    """True for a model field of kind hf or architecture (it defines the model's weights or function); false for
+    runtime model fields (dtypes, kernels, scan, remat, loss weights) and every training section."""
     section, _, name = dotted.partition(".")
-    return section == "model" and (name not in RING_JAX_FIELDS or name == "decay_layer_offset")
+    field = model_fields().get(name) if section == "model" else None
+    return field is not None and field.metadata["kind"] != "runtime"
 
 
 def _fields(config: Mapping[str, Any]) -> dict[str, Any]:
     """'section.field' -> value (a value such as model.rope_scaling is compared whole)."""
     return {f"{section}.{name}": value for section, fields in config.items() for name, value in fields.items()}
+
+
+def _saved_default(dotted: str) -> Any:
+    """What a config saved before a model field existed meant by it: the field's default (as ModelConfig fills in)."""
+    section, _, name = dotted.partition(".")
+    field = model_fields().get(name) if section == "model" else None
+    return _MISSING if field is None else json.loads(json.dumps(field.default))
 
 
 def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -42,7 +51,7 @@ def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[li
     old_flat, new_flat = _fields(saved), _fields(new)
     architecture, runtime = [], []
     for field in sorted(set(old_flat) | set(new_flat)):
-        old, value = old_flat.get(field, _MISSING), new_flat.get(field, _MISSING)
+        old, value = old_flat.get(field, _saved_default(field)), new_flat.get(field, _MISSING)
         if old != value:
             (architecture if is_architecture_field(field) else runtime).append(f"{field}: {old!r} -> {value!r}")
     return architecture, runtime

@@ -1,19 +1,14 @@
-"""Mesh, train-state construction and shardings.
+"""The typed train state, its construction and its shardings.
 
-The train state is a plain dict pytree (what Orbax saves):
-  step        int32 scalar          optimizer steps taken
-  params      nnx.State of Params   fp32 master weights (model.param_dtype)
-  opt_state   optax state           AdamW moments, sharded like the params
-  expert_bias nnx.State             aux-loss-free routing biases (not trained by the optimizer)
-  expert_load nnx.State             tokens per expert of the last step (same tree as expert_bias)
-  model_vars  nnx.State             every other variable
+`TrainState` is what the jitted step carries and what Orbax saves (as a plain dict of its fields, the layout
+checkpoints have always had, so older checkpoints still restore).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,97 +17,115 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ring_jax import sharding
-from ring_jax.config import ConfigError, ModelConfig
+from ring_jax.config import ModelConfig
+from ring_jax.errors import ConfigError
 from ring_jax.layers.moe import ExpertBias, ExpertLoad
 from ring_jax.model import RingLinearModel
-from ring_jax.sharding import MESH_AXES
 from ring_jax.train.config import validate_training
 
-BATCH_SPEC = PartitionSpec(("data", "fsdp"), None)  # [batch, seq] batches split over data-parallel axes
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 scalar, optimizer steps taken; params: nnx.State of Params (fp32 master weights,
+    `model.param_dtype`); opt_state: optax state (AdamW moments, sharded like the params); expert_bias: nnx.State of
+    the aux-loss-free routing biases (not trained by the optimizer); expert_load: tokens per expert of the last step
+    (same tree as expert_bias); model_vars: every other model variable."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    expert_bias: Any
+    expert_load: Any
+    model_vars: Any
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The dict Orbax saves (field name -> subtree)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_checkpoint(cls, tree: dict[str, Any]) -> TrainState:
+        return cls(**tree)
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-    """Axis sizes for MESH_AXES; one axis may be -1 (= the remaining devices)."""
-    try:
-        sizes = sharding.resolve_mesh_sizes([mesh_config[axis] for axis in MESH_AXES], num_devices)
-    except ValueError as e:
-        raise ConfigError(f"mesh: {e}") from None
-    if math.prod(sizes) != num_devices:
-        raise ConfigError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes, strict=True))} need "
-                            f"{math.prod(sizes)} devices but {num_devices} are available")
-    return sizes
-
-
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-    devices = jax.devices() if devices is None else devices
-    return sharding.make_mesh(mesh_shape(mesh_config, len(devices)), devices)
-
-
-def state_shardings(abstract_state: dict[str, Any], tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """NamedShardings for every leaf of the train state, from the params' logical axis names."""
-
-    def of_variable(variable: nnx.Variable):
-        return variable.replace(sharding.variable_sharding(variable, mesh))
-
-    is_variable = lambda x: isinstance(x, nnx.Variable)
+def train_state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation,
+                          mesh: jax.sharding.Mesh) -> TrainState:  # fmt: skip
+    """NamedShardings for every leaf of the train state: model variables from their logical axis names
+    (`sharding.state_shardings`), optimizer moments like their params, the rest replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.tree.map(of_variable, abstract_state["params"], is_leaf=is_variable)
+    is_variable = lambda x: isinstance(x, nnx.Variable)
+    placed = lambda state: jax.tree.map(lambda v, s: v.replace(s), state, sharding.state_shardings(state, mesh),
+                                        is_leaf=is_variable)  # fmt: skip
+    params = placed(abstract_state.params)
     opt_state = optax.tree_map_params(
         tx,
-        lambda _, sharding: sharding,
-        abstract_state["opt_state"],
+        lambda _, param_sharding: param_sharding,
+        abstract_state.opt_state,
         params,
         transform_non_params=lambda _: replicated,
         is_leaf=is_variable,
     )
-    return {
-        "step": replicated,
-        "params": params,
-        "opt_state": opt_state,
-        **{key: jax.tree.map(of_variable, abstract_state[key], is_leaf=is_variable)
-           for key in ("expert_bias", "expert_load", "model_vars")},
-    }
+    return TrainState(
+        step=replicated,
+        params=params,
+        opt_state=opt_state,
+        expert_bias=placed(abstract_state.expert_bias),
+        expert_load=placed(abstract_state.expert_load),
+        model_vars=placed(abstract_state.model_vars),
+    )
 
 
 class StateFactory:
     """Builds the model graph, the abstract train state, its shardings, and the initialised state."""
 
     def __init__(self, model_config: ModelConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                 *, seed: int, remat_policy: str):
+                 *, seed: int):  # fmt: skip
         self.model_config = model_config
         self.tx = tx
         self.mesh = mesh
         self._seed = seed
-        self._remat_policy = remat_policy
         with nnx.use_eager_sharding(False):
             abstract_model = nnx.eval_shape(self._new_model)
         self.graphdef = nnx.graphdef(abstract_model)
         self.abstract_state = jax.eval_shape(self._init)
-        self.shardings = state_shardings(self.abstract_state, tx, mesh)
+        self.shardings = train_state_shardings(self.abstract_state, tx, mesh)
 
     def _new_model(self) -> RingLinearModel:
-        return RingLinearModel(self.model_config, rngs=nnx.Rngs(self._seed), remat_policy=self._remat_policy)
+        return RingLinearModel(self.model_config, rngs=nnx.Rngs(self._seed))
 
-    def _init(self) -> dict[str, Any]:
+    def _init(self) -> TrainState:
         with nnx.use_eager_sharding(False):
             model = self._new_model()
         _, params, expert_bias, expert_load, model_vars = nnx.split(model, nnx.Param, ExpertBias, ExpertLoad, ...)
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": self.tx.init(params),
-            "expert_bias": expert_bias,
-            "expert_load": expert_load,
-            "model_vars": model_vars,
-        }
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            expert_bias=expert_bias,
+            expert_load=expert_load,
+            model_vars=model_vars,
+        )
 
-    def init(self) -> dict[str, Any]:
+    def init(self) -> TrainState:
         """Fresh state, created directly in its sharded layout."""
         with jax.set_mesh(self.mesh):
             return jax.jit(self._init, out_shardings=self.shardings)()
 
-    def abstract_with_shardings(self) -> dict[str, Any]:
+    def from_params(self, params: Any, expert_bias: Any) -> TrainState:
+        """A fresh train state (step 0, new optimizer moments, zero expert loads) around given parameters and expert
+        biases (e.g. another run's or a converted checkpoint's), placed in this factory's shardings."""
+        abstract = self.abstract_state
+        zeros = lambda tree: jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), tree)  # noqa: E731
+
+        def build(params: Any, expert_bias: Any) -> TrainState:
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                              expert_bias=expert_bias, expert_load=zeros(abstract.expert_load),
+                              model_vars=zeros(abstract.model_vars))  # fmt: skip
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(build, in_shardings=(self.shardings.params, self.shardings.expert_bias),
+                           out_shardings=self.shardings)(params, expert_bias)  # fmt: skip
+
+    def abstract_with_shardings(self) -> TrainState:
         """ShapeDtypeStructs carrying the target shardings (the Orbax restore target)."""
         return jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -121,7 +134,8 @@ class StateFactory:
         )
 
     def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, BATCH_SPEC)
+        """[batch, seq] batches: rows split over the mesh axes of the activations' batch dimension."""
+        return NamedSharding(self.mesh, PartitionSpec(sharding.batch_axes(self.mesh), None))
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -131,16 +145,19 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if config.train.seq_len > model_config.max_position_embeddings:
         raise ConfigError(f"train.seq_len: {config.train.seq_len} exceeds model.max_position_embeddings="
                           f"{model_config.max_position_embeddings}")
-    shape = dict(zip(("data", "fsdp", "expert", "tensor"), mesh_shape(config.mesh, jax.device_count()),
-                     strict=True))
-    batch_shards = shape["data"] * shape["fsdp"]
+    mesh = sharding.make_mesh(config.mesh, use_all=True)
+    if model_config.num_experts % mesh.shape["expert"]:
+        raise ConfigError(f"mesh.expert: {mesh.shape['expert']} devices cannot share model.num_experts="
+                          f"{model_config.num_experts} experts evenly")
+    batch_shards = sharding.batch_shards(mesh)
     micro_batch = config.train.batch_size // config.train.grad_accum_steps
     if micro_batch % batch_shards:
         raise ConfigError(f"train.batch_size: the micro-batch of {micro_batch} rows (batch_size / grad_accum_steps) "
-                          f"must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
+                          f"must be divisible by the {batch_shards} batch shards of the mesh "
+                          f"({' * '.join(sharding.batch_axes(mesh))})")
     if batch_shards % jax.process_count():
         # Each process loads its own rows (grain ShardByJaxProcess): the batch must be split across processes,
         # never replicated over them, or the "replicas" would hold different data.
-        raise ConfigError(f"mesh: mesh.data * mesh.fsdp = {batch_shards} must be a multiple of the "
+        raise ConfigError(f"mesh: the {batch_shards} batch shards must be a multiple of the "
                           f"{jax.process_count()} processes (each process reads different batch rows)")
     return model_config

@@ -4,7 +4,6 @@ NaN/Inf guard, then the aux-loss-free expert-bias update (spec §4.3)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +13,9 @@ from flax import nnx
 
 from pallas_kernels.linear_cross_entropy import linear_cross_entropy
 from ring_jax.layers.moe import ExpertLoad
+from ring_jax.sharding import per_shard
 from ring_jax.train.optim import make_schedule
-from ring_jax.train.state import StateFactory
+from ring_jax.train.state import StateFactory, TrainState
 
 Batch = dict[str, jax.Array]
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
@@ -52,18 +52,19 @@ def load_imbalance(expert_load: jax.Array) -> jax.Array:
 def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) -> Callable:
     """Returns jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
-    batch leaves are [global_batch, seq] (see ring_jax.data.pipeline). With nan_policy 'skip' or 'stop' a
-    non-finite loss/gradient leaves the state unchanged and sets metrics['finite'] = False; the caller stops
-    or continues.
+    batch leaves are [global_batch, seq] (see ring_jax.data.pipeline). A non-finite loss or gradient applies no
+    update to the params, optimizer state or expert biases and sets metrics['finite'] = False (the caller stops or
+    continues, per train.nan_policy); `step` still advances (the batch was consumed) and `expert_load` records that
+    batch's routing.
     """
-    graphdef, tx = factory.graphdef, factory.tx
+    graphdef, tx, model_config = factory.graphdef, factory.tx, factory.model_config
     optim, train = config.optim, config.train
     schedule = make_schedule(optim, train.steps)
-    bias_rate = optim.bias_update_rate if config.model.moe_router_enable_expert_bias else 0.0
+    bias_rate = optim.bias_update_rate if model_config.moe_router_enable_expert_bias else 0.0
     accum = train.grad_accum_steps
     z_coef = optim.router_z_loss_coef
-    mtp_scale = config.model.mtp_loss_scaling_factor
-    num_mtp = config.model.num_nextn_predict_layers
+    mtp_scale = model_config.mtp_loss_scaling_factor
+    num_mtp = model_config.num_nextn_predict_layers
 
     def micro_loss(params, expert_bias, expert_load, model_vars, micro: Batch, token_counts: tuple):
         total_tokens, mtp_tokens = token_counts  # global counts: micro-batch losses sum to the batch mean
@@ -77,10 +78,9 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
         )
 
         def lm_head_loss(hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-            return linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), model.lm_head.kernel[...], targets.reshape(-1),
-                weights.reshape(-1), implementation=train.loss_implementation, chunk_size=train.loss_chunk_size,
-            )  # fmt: skip
+            kernel = model.lm_head.kernel[...].astype(hidden.dtype)  # cast before a mesh gathers it
+            return jnp.sum(per_shard_loss(hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1),
+                                          weights.reshape(-1)))  # fmt: skip
 
         ce = lm_head_loss(out.hidden_states, micro["targets"], micro["loss_mask"] / total_tokens)
         mtp = jnp.zeros((), jnp.float32)
@@ -98,11 +98,21 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
         }
         return loss, aux
 
+    tokens = ("activation_tokens",)
+    # Each device takes the loss of its own tokens (one partial sum per shard, added outside).
+    per_shard_loss = per_shard(
+        lambda hidden, kernel, targets, weights: linear_cross_entropy(
+            hidden, kernel, targets, weights, implementation=train.loss_implementation,
+            chunk_size=train.loss_chunk_size,
+        )[None],
+        in_names=((*tokens, None), None, tokens, tokens),
+        out_names=tokens,
+    )  # fmt: skip
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def train_step(state: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        params, expert_bias, model_vars = state["params"], state["expert_bias"], state["model_vars"]
-        frozen = (expert_bias, state["expert_load"], model_vars)
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        params, expert_bias, model_vars = state.params, state.expert_bias, state.model_vars
+        frozen = (expert_bias, state.expert_load, model_vars)
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         mtp_tokens = [jnp.maximum(jnp.sum(mtp_targets(batch, depth)[1]), 1.0) for depth in range(1, num_mtp + 1)]
         token_counts = (total_tokens, mtp_tokens)
@@ -142,16 +152,10 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
         # A non-finite step keeps the old state. A cond, not a select per leaf: only the taken branch runs, so a
         # normal step makes one pass over params and optimizer state (a select would read both versions again).
         new_params, new_opt_state, new_bias = jax.lax.cond(
-            finite, apply_update, lambda *old: old, params, state["opt_state"], expert_bias
+            finite, apply_update, lambda *old: old, params, state.opt_state, expert_bias
         )
-        new_state = {
-            "step": state["step"] + 1,
-            "params": new_params,
-            "opt_state": new_opt_state,
-            "expert_bias": new_bias,
-            "expert_load": load_state,
-            "model_vars": model_vars,
-        }
+        new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
+                                  expert_bias=new_bias, expert_load=load_state)  # fmt: skip
         metrics = {
             "loss": loss,
             "ce_loss": aux["ce_loss"],
@@ -159,7 +163,7 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
             "mtp_loss": aux["mtp_loss"],
             "grad_norm": grad_norm,
             # The rate this update used: the optimizer's own step count (skipped steps do not advance it).
-            "learning_rate": schedule(optax.tree_utils.tree_get_all_with_path(state["opt_state"], "count")[0][1]),
+            "learning_rate": schedule(optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")[0][1]),
             "finite": finite,
             "loss_tokens": total_tokens,
             "moe_load_imbalance": load_imbalance(aux["expert_load"]),

@@ -7,8 +7,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from pallas_kernels.gmm.tuning import TunedOp, load_tuned_configs, tune_grouped_matmuls
-from pallas_kernels.platform import tokamax_on_gpu
+from pallas_kernels.gmm.tuning import TunedOp, load_tuned_configs, tokamax_available, tune_grouped_matmuls
 from ring_jax.train.state import StateFactory
 from ring_jax.train.step import abstract_batch
 
@@ -20,7 +19,7 @@ def tune_kernels(train_step: Any, factory: StateFactory, config: ml_collections.
     """GPU: per-shape configs for the step's tokamax grouped matmuls (see pallas_kernels.gmm.tuning), loaded from
     or saved to `cache_file`. Single-process runs only, so every process of a multi-host job compiles the same
     kernels. Prints one summary line when it tuned anything."""
-    if jax.process_count() > 1 or not tokamax_on_gpu():
+    if jax.process_count() > 1 or not tokamax_available():
         return []
     loaded = load_tuned_configs(cache_file) if cache_file else None
     if loaded is not None:  # a resumed run: no lowering, no search

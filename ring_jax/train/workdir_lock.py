@@ -27,12 +27,14 @@ import logging
 import os
 import socket
 
+from ring_jax.errors import RingJaxError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "train.lock"
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(RingJaxError):
     """Another run holds the workdir; the message names its host and pid and the lock file."""
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 from ring_jax.config import ModelConfig
 from ring_jax.layers.linear import param
 from ring_jax.layers.mlp import SwiGLU
-from ring_jax.layers.moe.dispatch import moe_dispatch_combine
+from ring_jax.layers.moe.parallel import routed_experts
 from ring_jax.layers.moe.router import Router
 from ring_jax.sharding import constrain
 
@@ -60,14 +60,14 @@ class MoE(nnx.Module):
         tokens = constrain(x.reshape(-1, x.shape[-1]), ("activation_tokens", "activation_embed"))
         valid = None if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
         routing = self.router(tokens, valid)
-        routed = moe_dispatch_combine(
+        routed = routed_experts(
             tokens,
             routing.experts,
             routing.weights,
             self.experts.gate[...],
             self.experts.up[...],
             self.experts.down[...],
-            implementation=self.config.gmm_implementation,
+            self.config,
         )
         if self.shared is not None:
             routed = routed + self.shared(tokens)

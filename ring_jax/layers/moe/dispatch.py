@@ -1,7 +1,7 @@
 """Dropless MoE dispatch: sort token copies by expert, grouped matmuls, unsort, weighted combine.
 
-Pure functions of arrays (no module state) so that expert parallelism can later run them inside `jax.shard_map`
-with an all-to-all around the grouped matmuls.
+Pure functions of arrays (no module state): expert parallelism (`parallel.py`) runs them inside `jax.shard_map`
+with a token exchange around the grouped matmuls.
 
 The permutations are gathers in both directions: the backward of "copy token t to its k sorted slots" is "gather
 the k slots back and add", not a scatter-add, and the combine's backward is again a gather by the sort order.
@@ -99,6 +99,60 @@ def _unpermute_combine_bwd(residuals, grad):
 unpermute_combine.defvjp(_unpermute_combine_fwd, _unpermute_combine_bwd)
 
 
+def take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """out[r] = x[index[r]], or a zero row where index[r] == len(x): a one-to-one row move (a permutation, or
+    packing rows into padded buckets and back), differentiated by a gather too.
+
+    x [n, h]; index [m] int32 in [0, n]; inverse [n] int32: the out row that holds x row i (every x row appears in
+    `out` at most once; m means "nowhere", its gradient is zero). Returns [m, h].
+    """
+    return _take_rows(x, index, inverse)
+
+
+@jax.custom_vjp
+def _take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+    return padded[index]
+
+
+def _take_rows_fwd(x, index, inverse):
+    return _take_rows(x, index, inverse), (index, inverse)
+
+
+def _take_rows_bwd(residuals, grad):
+    index, inverse = residuals
+    return _take_rows(grad, inverse, index), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def expert_mlp(
+    sorted_x: jax.Array,
+    group_sizes: jax.Array,
+    gate_up: jax.Array,
+    down: jax.Array,
+    *,
+    implementation: str | None = None,
+) -> jax.Array:
+    """SwiGLU of each row with its group's expert: sorted_x [rows, hidden] grouped by expert (rows past
+    sum(group_sizes) are padding and give zeros); gate_up [E, hidden, 2 * inter] (gate ‖ up), down [E, inter,
+    hidden], both in the compute dtype. Returns [rows, hidden]."""
+    inter = down.shape[1]
+
+    def gmm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        return grouped_matmul(lhs, rhs, group_sizes, implementation=implementation)
+
+    gate_up_out = gmm(sorted_x, gate_up)
+    return gmm(jax.nn.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:], down)
+
+
+def fuse_gate_up(gate_kernel: jax.Array, up_kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """[E, hidden, inter] x 2 -> [E, hidden, 2 * inter] in `dtype`: one grouped matmul of width 2·inter instead of
+    two; the concatenation rides on the cast to the compute dtype that the weights need anyway."""
+    return jnp.concatenate([gate_kernel, up_kernel], axis=-1).astype(dtype)
+
+
 def moe_dispatch_combine(
     x: jax.Array,
     experts: jax.Array,
@@ -109,22 +163,30 @@ def moe_dispatch_combine(
     *,
     implementation: str | None = None,
 ) -> jax.Array:
-    """y_t = Σ_i weights[t, i] · SwiGLU_{experts[t, i]}(x_t).
+    """y_t = Σ_i weights[t, i] · SwiGLU_{experts[t, i]}(x_t), every expert on this device.
 
     x [tokens, hidden]; experts, weights [tokens, top_k]; gate_kernel, up_kernel [E, hidden, inter];
     down_kernel [E, inter, hidden]. Returns [tokens, hidden] in x's dtype.
     """
-    top_k, inter = experts.shape[1], gate_kernel.shape[-1]
-    routing = sort_by_expert(experts, gate_kernel.shape[0])
+    gate_up = fuse_gate_up(gate_kernel, up_kernel, x.dtype)
+    return dispatch_combine(x, experts, weights, gate_up, down_kernel.astype(x.dtype), implementation=implementation)
+
+
+def dispatch_combine(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    gate_up: jax.Array,
+    down: jax.Array,
+    *,
+    implementation: str | None = None,
+) -> jax.Array:
+    """`moe_dispatch_combine` with the kernels already fused and cast (`fuse_gate_up`): gate_up [E, hidden,
+    2 * inter], down [E, inter, hidden]; experts [tokens, top_k] in [0, E]: id E (or more) marks a copy handled
+    elsewhere, which contributes zero."""
+    num_experts, top_k = gate_up.shape[0], experts.shape[1]
+    routing = sort_by_expert(experts, num_experts + 1)
     sorted_x = permute(x, routing.order, routing.inverse, top_k)
-
-    def gmm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        return grouped_matmul(lhs, rhs, routing.group_sizes, implementation=implementation)
-
-    # One grouped matmul of width 2·inter instead of two: the concatenation rides on the cast to the compute dtype
-    # that the weights need anyway (measured: 0.87x the time of two separate ones on an H100).
-    gate_up = jnp.concatenate([gate_kernel, up_kernel], axis=-1).astype(x.dtype)
-    gate_up_out = gmm(sorted_x, gate_up)
-    hidden = jax.nn.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:]
-    sorted_out = gmm(hidden, down_kernel.astype(x.dtype))
+    sorted_out = expert_mlp(sorted_x, routing.group_sizes[:num_experts], gate_up, down,
+                            implementation=implementation)  # fmt: skip
     return unpermute_combine(sorted_out, weights, routing.order, routing.inverse)
