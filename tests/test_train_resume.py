@@ -285,3 +285,9 @@ def test_each_metrics_record_is_one_write_of_a_whole_line(tmp_path, monkeypatch)
     writer.write(1, {"loss": 1.5, "moe_load_imbalance": [1.0, 2.0]})
     writer.close()
     assert len(writes) == 1 and writes[0].endswith(b"\n") and writes[0].count(b"\n") == 1
+
+
+def test_an_object_store_workdir_is_not_locked_and_nothing_local_is_created(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with WorkdirLock("gs://bucket/run"):
+        assert os.listdir(tmp_path) == []

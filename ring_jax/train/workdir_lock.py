@@ -14,6 +14,7 @@ they all write into one shared workdir.
 NFS: Linux carries `flock` over NFS as POSIX locks, so holders on different hosts exclude each other where the
 mount supports locking; where it does not (`nolock`), the host check above still refuses a live lock of another
 host, and only two runs starting within the same few milliseconds on different hosts could both proceed.
+Object-store workdirs (`gs://...`) have no file locks and are not locked (a warning says so).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class WorkdirLock:
         self.release()
 
     def acquire(self) -> None:
+        if "://" in self.workdir:  # object stores have no file locks
+            log.warning("workdir lock: %s is not a local path; it is not locked", self.workdir)
+            return
         if not os.path.isdir(self.workdir):
             os.makedirs(self.workdir, exist_ok=True)
             self._created_workdir = True
