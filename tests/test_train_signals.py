@@ -73,13 +73,14 @@ def test_sigterm_saves_and_exits_cleanly_and_a_second_run_is_refused_meanwhile(t
     assert saved >= 2 and latest_step(workdir) == saved
 
     # a quick run shorter than its warmup just works; the changed runtime settings are listed in one line
-    resumed = start(workdir, f"--config.train.steps={saved + 2}", "--config.optim.warmup_steps=50")
+    resumed = start(workdir, f"--config.train.steps={saved + 2}", "--config.optim.warmup_steps=1000000")
     output = finish(resumed)
     assert resumed.returncode == 0, output[-3000:]
     assert f"train: resuming at step {saved}" in output and latest_step(workdir) == saved + 2
     changes = next(line for line in output.splitlines() if line.startswith("train: resuming with changed runtime"))
-    assert "optim.warmup_steps: 1 -> 50" in changes and f"train.steps: 100000 -> {saved + 2}" in changes
-    assert f"optim.warmup_steps=50 is not shorter than train.steps={saved + 2}; warming up for 0 steps" in output
+    assert "optim.warmup_steps: 1 -> 1000000" in changes and f"train.steps: 100000 -> {saved + 2}" in changes
+    assert (f"optim.warmup_steps=1000000 is not shorter than train.steps={saved + 2}; warming up for "
+            f"{(saved + 2) // 10} steps instead") in output
 
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint_usable(tmp_path):
