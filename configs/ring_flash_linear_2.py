@@ -1,7 +1,7 @@
 """Ring-flash-linear-2.0: 104.2B total / 7.4B activated.
 
-Sizes are pinned by the paper's Table 1 and an exact parameter-count match (spec §1.2, §1.4); group_norm_size and
-rope_theta were not seen in a released config (spec §9.2): 8 groups keeps mini's 4 heads per group.
+Sizes are pinned by the paper's Table 1 and an exact parameter-count match (docs/architecture.md); group_norm_size
+and rope_theta were not seen in a released config: 8 groups keeps mini's 4 heads per group.
 """
 
 import ml_collections

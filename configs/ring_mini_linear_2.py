@@ -1,4 +1,4 @@
-"""Ring-mini-linear-2.0: 16.4B total / 1.6B activated (spec §1.2, values confirmed from the released config)."""
+"""Ring-mini-linear-2.0: 16.4B total / 1.6B activated (the values of the released config.json)."""
 
 import ml_collections
 

@@ -34,6 +34,7 @@ __all__ = ["ConfigError", "ModelConfig", "model_defaults", "model_fields", "fiel
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("linear", "yarn")
+FP8_MODES = ("none", "emulated", "native")
 FIELD_KINDS = ("hf", "architecture", "runtime")
 REQUIRED = "required"  # `when_missing` of an HF field that config.json must contain
 
@@ -123,6 +124,10 @@ class ModelConfig:
     attention_implementation: str | None = _runtime(
         None, "softmax attention kernel; None = per-platform order", choices=ATTENTION.choices(), none_type=str
     )
+    fp8: str = _runtime(
+        "none", "blockwise FP8 for the projections and expert GEMMs: none, emulated (any platform), native (GPU)",
+        choices=FP8_MODES,
+    )
     expert_parallel_transport: str | None = _runtime(
         None, "how tokens reach experts on other devices (mesh.expert > 1); None = by expert-group size",
         choices=(None, "all_gather", "all_to_all", "ragged_all_to_all"), none_type=str,
@@ -179,7 +184,7 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def is_softmax_layer(self, layer: int) -> bool:
-        """Spec §1.3: every G-th layer is softmax attention, and so is every tail layer past the last full group."""
+        """Every G-th layer is softmax attention, and so is every tail layer past the last full group."""
         group = self.layer_group_size
         return (layer + 1) % group == 0 or layer >= (self.num_hidden_layers // group) * group
 

@@ -1,6 +1,6 @@
 """The Ring-linear hybrid model: decoder layers, the scanned layer cycle, the optional MTP head, the hybrid cache.
 
-Layer plan (spec §1.3): a cycle is `layer_group_size` consecutive MoE layers, G−1 lightning + 1 softmax. Layers
+Layer plan: a cycle is `layer_group_size` consecutive MoE layers, G−1 lightning + 1 softmax. Layers
 before the first full MoE cycle (the dense prefix and the rest of its cycle) and any softmax tail after the last full
 cycle are unrolled (`pre_layers`, `post_layers`); the full cycles share one module whose weights are stacked on a
 leading [num_cycles] axis (`cycles`) and run under `jax.lax.scan` (or a Python loop with `scan_layers=False`: same
@@ -77,6 +77,7 @@ class DecoderLayer(nnx.Module):
                 dtype=config.compute_dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
+                fp8=config.fp8,
             )
         )
 
@@ -122,7 +123,7 @@ class LayerCycle(nnx.Module):
 
 
 class MTPLayer(nnx.Module):
-    """Multi-token prediction block (spec §4.4): z = W[enorm(embed(next ids)) ‖ hnorm(h)], a softmax MoE layer,
+    """Multi-token prediction block: z = W[enorm(embed(next ids)) ‖ hnorm(h)], a softmax MoE layer,
     a final norm; logits come from the shared lm_head."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -136,6 +137,7 @@ class MTPLayer(nnx.Module):
             dtype=config.compute_dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            fp8=config.fp8,
         )
         self.layer = DecoderLayer(config, softmax=True, moe=config.num_experts > 0, rngs=rngs)
         self.final_norm = RMSNorm(hidden, eps=eps, param_dtype=param_dtype)

@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from pallas_kernels.testing import relative_error
 from ring_jax.config import ModelConfig
 from ring_jax.layers.moe import MoE
 from ring_jax.sharding import make_mesh
@@ -76,11 +77,6 @@ def one_step(config, mesh_sizes, tx, batch, devices, initial=None):
         before = jax.device_get(state.params)
         state, metrics = train_step(state, jax.device_put(batch, factory.batch_sharding()))
         return jax.device_get((metrics, before, state.params, state.expert_bias))
-
-
-def relative_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
 def flat(state: nnx.State) -> dict[tuple, np.ndarray]:

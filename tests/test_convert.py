@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import relative_error, tiny_config
 from flax import nnx
 from reference.hf_checkpoint import random_state_dict, tiny_hf_config, write_hf_checkpoint
 from reference.torch_model import TorchRingLinear
 from safetensors import safe_open
+from support import REPO, jit_forward, tiny_config
 
+from pallas_kernels.testing import relative_error
 from ring_jax.config import ModelConfig, model_defaults
 from ring_jax.convert import (
     checkpoint_config,
@@ -33,7 +35,6 @@ from ring_jax.convert.transfer import PERSISTENT
 from ring_jax.model import RingLinearModel
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_ring_linear"
-REPO = Path(__file__).parent.parent
 
 
 def read_hf_dir(directory: Path) -> dict[str, np.ndarray]:
@@ -209,6 +210,65 @@ def test_to_hf_writes_every_spec_field(tmp_path):
     tensors = read_hf_dir(tmp_path / "hf")
     assert tensors["lm_head.weight"].dtype.name == "bfloat16"
     assert tensors["model.layers.5.mlp.gate.expert_bias"].dtype == np.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-token-prediction blocks (docs/architecture.md#multi-token-prediction)
+
+
+def _mtp_checkpoint(seed: int) -> tuple[dict, dict]:
+    """An HF config of the 10-layer model with 2 MTP blocks, and reference weights naming them model.layers.10/11."""
+    hf_config = tiny_hf_config(num_nextn_predict_layers=2)
+    return hf_config, random_state_dict(hf_config, seed=seed)
+
+
+def _in_layout(hf_config: dict, state_dict: dict, layout: str) -> tuple[dict, dict]:
+    """The same checkpoint with its MTP blocks stored in `layout` (ring_jax.convert.mapping.MTPLayout)."""
+    if layout == "inside":  # the Ling-2.0 remote code: num_hidden_layers counts the MTP blocks
+        return {**hf_config, "num_hidden_layers": 12}, state_dict
+    if layout == "prefixed":
+        renamed = {}
+        for name, tensor in state_dict.items():
+            for depth in range(2):
+                name = name.replace(f"model.layers.{10 + depth}.", f"model.mtp.layers.{depth}.")
+            renamed[name] = tensor
+        return hf_config, renamed
+    return hf_config, state_dict
+
+
+def test_mtp_blocks_match_the_torch_reference(tmp_path, rng):
+    """Imported MTP weights give the reference's MTP logits: the names map to the right tensors (enorm vs hnorm,
+    the [embedding ‖ hidden] halves of eh_proj, the block's layer)."""
+    hf_config, state_dict = _mtp_checkpoint(seed=int(rng.integers(1 << 30)))
+    write_hf_checkpoint(tmp_path / "hf", hf_config, state_dict, num_shards=2)
+    tokens = rng.integers(0, hf_config["vocab_size"], size=(2, 11)).astype(np.int32)
+    reference = TorchRingLinear.from_state_dict(hf_config, state_dict)
+    out = jit_forward(from_hf(tmp_path / "hf", progress=False))(jnp.asarray(tokens))
+    assert relative_error(out.logits, reference(torch.from_numpy(tokens).long()).numpy()) <= 1e-4
+    expected = reference.mtp_logits(torch.from_numpy(tokens).long())
+    assert len(out.mtp_logits) == len(expected) == 2
+    for depth, (actual, logits) in enumerate(zip(out.mtp_logits, expected, strict=True), start=1):
+        assert relative_error(actual[:, :-depth], logits.numpy()[:, :-depth]) <= 1e-4, depth
+
+
+def test_every_mtp_layout_loads_the_same_weights_and_to_hf_appends_them(tmp_path, caplog):
+    hf_config, state_dict = _mtp_checkpoint(seed=8)
+    models = {}
+    for layout in ("appended", "inside", "prefixed"):
+        write_hf_checkpoint(tmp_path / layout, *_in_layout(hf_config, state_dict, layout), num_shards=2)
+        with caplog.at_level(logging.WARNING, logger="ring_jax.convert"):
+            models[layout] = from_hf(tmp_path / layout, progress=False)
+        assert (models[layout].config.num_hidden_layers, models[layout].config.num_nextn_predict_layers) == (10, 2)
+    assert caplog.text.count("MTP blocks stored as model.layers.10") == 1  # the Ling-2.0 reinterpretation, said once
+    assert "num_hidden_layers=12 counts the 2 MTP blocks" in caplog.text
+    expected = nnx.to_flat_state(nnx.state(models["appended"], PERSISTENT))
+    for layout in ("inside", "prefixed"):
+        for (path, a), (_, b) in zip(expected, nnx.to_flat_state(nnx.state(models[layout], PERSISTENT)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    to_hf(models["prefixed"], tmp_path / "out", progress=False)
+    assert_same_tensors(read_hf_dir(tmp_path / "out"), read_hf_dir(tmp_path / "appended"))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["num_hidden_layers"], written["num_nextn_predict_layers"]) == (10, 2)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -124,14 +125,42 @@ def test_missing_required_config_field(tmp_path, state_dict):
         from_hf(hf, progress=False)
 
 
-def test_non_persistent_and_mtp_names_are_skipped(tmp_path, state_dict):
+def test_non_persistent_names_and_unused_mtp_tensors_are_skipped(tmp_path, state_dict, caplog):
     extra = {
         "model.layers.0.attention.slope": torch.zeros(4),
         "model.rotary_emb.inv_freq": torch.zeros(2),
         "model.mtp.layers.0.enorm.weight": torch.ones(32),
     }
-    model = from_hf(_write(tmp_path, {**state_dict, **extra}), progress=False)
+    with caplog.at_level(logging.WARNING, logger="ring_jax.convert"):
+        model = from_hf(_write(tmp_path, {**state_dict, **extra}), progress=False)
     assert model.config.num_nextn_predict_layers == 0
+    assert "skipping 1 tensor(s) of MTP blocks the config does not use (e.g. 'model.mtp.layers.0.enorm.weight')" in (
+        caplog.text
+    )
+    assert "slope" not in caplog.text and "inv_freq" not in caplog.text
+
+
+def test_mtp_blocks_beyond_the_config_are_skipped_and_missing_ones_named(tmp_path, caplog):
+    """A checkpoint holding 2 MTP blocks (model.layers.10/11) under config.json values asking for 0, 1 or 3."""
+    state = random_state_dict(tiny_hf_config(num_nextn_predict_layers=2), seed=9)
+    hf = _write(tmp_path, state, tiny_hf_config())  # config.json: num_nextn_predict_layers=0
+    with caplog.at_level(logging.WARNING, logger="ring_jax.convert"):
+        assert len(from_hf(hf, progress=False).mtp_layers) == 0
+        assert re.search(
+            r"skipping \d+ tensor\(s\) of MTP blocks the config does not use \(e\.g\. 'model\.layers\.10\.", caplog.text
+        )
+        assert "num_nextn_predict_layers=0, the checkpoint holds 2 MTP blocks" in caplog.text
+        caplog.clear()
+        assert len(from_hf(hf, overrides={"num_nextn_predict_layers": 1}, progress=False).mtp_layers) == 1
+        assert "(e.g. 'model.layers.11." in caplog.text
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.12\.enorm\.weight' .*in .*: it belongs "
+                                              r"to MTP block 2, but the checkpoint holds 2 MTP blocks and the config "
+                                              r"asks for num_nextn_predict_layers=3"):  # fmt: skip
+        from_hf(hf, overrides={"num_nextn_predict_layers": 3}, progress=False)
+    both = _write(tmp_path / "both", {**state, "model.mtp.layers.0.enorm.weight": torch.ones(32)}, tiny_hf_config())
+    with pytest.raises(CheckpointError, match=r"MTP blocks stored twice: as 'model\.mtp\.layers\.0\.enorm\.weight' "
+                                              r"and as 'model\.layers\.10\.\*'"):  # fmt: skip
+        from_hf(both, progress=False)
 
 
 def test_state_dict_errors_name_the_tensor(state_dict):

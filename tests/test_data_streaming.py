@@ -12,8 +12,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from support import REPO
 from test_data import data_config, take, write_jsonl
-from test_train_helpers import REPO
 
 from ring_jax.data import sources
 from ring_jax.data.errors import DataError
@@ -151,7 +151,7 @@ def test_a_2mb_jsonl_line_streams_in_bounded_memory(tmp_path):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     text = ("lorem ipsum dolor sit amet " * 80_000)[:2_000_000]
     (tmp_path / "long.jsonl").write_text(json.dumps({"id": 1, "text": text}) + "\n")
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "long.jsonl"), str(len(text))],
         env=env,

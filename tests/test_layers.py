@@ -1,4 +1,4 @@
-"""Each layer against the float64 NumPy reference written from the spec (tests/reference/numpy_ref.py)."""
+"""Each layer against the float64 NumPy reference (tests/reference/numpy_ref.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error, tiny_config
 from flax import nnx
 from reference import numpy_ref
+from support import tiny_config
 
 from pallas_kernels.attention import causal_attention
 from pallas_kernels.gmm import grouped_matmul
 from pallas_kernels.gmm.api import GROUPED_MATMUL
-from pallas_kernels.gmm.tuning import tune_grouped_matmuls
+from pallas_kernels.lightning.tests.lightning_testing import numpy_recurrence
+from pallas_kernels.testing import relative_error
 from ring_jax.layers.attention import LayerInputs, SoftmaxAttention
 from ring_jax.layers.lightning import LightningAttention, alibi_slopes, layer_decay_rates
 from ring_jax.layers.moe import MoE, moe_dispatch_combine, select_experts
@@ -28,9 +29,8 @@ def _inputs(config, positions, segment_ids=None):
     return LayerInputs(cos, sin, None if segment_ids is None else jnp.asarray(segment_ids), 0)
 
 
-def _segments(batch, seq):
-    """Two or three documents per row, boundaries at random places."""
-    rng = np.random.default_rng()
+def _segments(rng, batch, seq):
+    """Three documents per row, boundaries at random places."""
     ids = np.zeros((batch, seq), np.int32)
     for b in range(batch):
         for cut in sorted(rng.choice(np.arange(1, seq), size=2, replace=False)):
@@ -90,12 +90,13 @@ def test_group_rmsnorm_and_sigmoid_gate_match_numpy(rng):
 def test_alibi_slopes_closed_form(heads):
     expected = numpy_ref.alibi_slopes(heads)
     np.testing.assert_allclose(alibi_slopes(heads), expected, rtol=1e-6)
-    if heads == 16:  # spec §2.6: r = 2^-0.5, last slope 2^-8
+    if heads == 16:  # r = 2^-0.5, last slope 2^-8
         np.testing.assert_allclose(alibi_slopes(16)[[0, 1, -1]], [2**-0.5, 0.5, 2**-8], rtol=1e-6)
 
 
 def test_layer_decay_matches_spec_example():
-    # spec §2.6, mini head 0: layer 0 λ = 0.4751 with δ = 1, 0.4931 with δ = 0; layer 18 f = 0.1053 / 0.0526.
+    # Mini's head 0 (docs/architecture.md#decay): layer 0 λ = 0.4751 with δ = 1, 0.4931 with δ = 0;
+    # layer 18 f = 0.1053 / 0.0526.
     config = tiny_config(num_attention_heads=16, num_key_value_heads=4, head_dim=8, num_hidden_layers=20,
                          layer_group_size=5, group_norm_size=4)  # fmt: skip
     assert np.exp(-layer_decay_rates(config, 0)[0]) == pytest.approx(0.4751, abs=1e-4)
@@ -110,7 +111,7 @@ def test_lightning_layer_matches_numpy_recurrence(rng, packed):
     layer.out_norm.scale[...] = rng.normal(size=32).astype(np.float32)
     batch, seq = 2, 13
     x = rng.normal(size=(batch, seq, 32)).astype(np.float32)
-    segment_ids = _segments(batch, seq) if packed else None
+    segment_ids = _segments(rng, batch, seq) if packed else None
     positions = _positions(segment_ids) if packed else np.tile(np.arange(seq), (batch, 1))
     layer_index = 4
     actual, _ = layer(jnp.asarray(x), _inputs(config, positions, segment_ids), layer_index)
@@ -122,7 +123,7 @@ def test_lightning_layer_matches_numpy_recurrence(rng, packed):
     q = numpy_ref.rope(numpy_ref.rms_norm(q, f64(w["qk"]["q_norm"]["scale"]), 1e-6), positions, 1e4, 4)
     k = numpy_ref.rope(numpy_ref.rms_norm(k, f64(w["qk"]["k_norm"]["scale"]), 1e-6), positions, 1e4, 4)
     factor = 1 - (layer_index - 1) / (config.num_hidden_layers - 1) + 1e-5
-    o, _ = numpy_ref.lightning_recurrence(q, k, v, np.exp(-numpy_ref.alibi_slopes(4) * factor), 8**-0.5, segment_ids)
+    o, _ = numpy_recurrence(q, k, v, numpy_ref.alibi_slopes(4) * factor, 8**-0.5, segment_ids=segment_ids)
     o = numpy_ref.group_rms_norm(o.reshape(batch, seq, 32), f64(w["out_norm"]["scale"]), 2, 1e-6)
     gated = o / (1 + np.exp(-(x.astype(F64) @ f64(w["gate"]["kernel"]))))
     assert relative_error(actual, gated @ f64(w["out"]["kernel"])) < 1e-5
@@ -134,7 +135,7 @@ def test_gqa_attention_layer_matches_numpy(rng, packed):
     layer = SoftmaxAttention(config, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     batch, seq = 2, 11
     x = rng.normal(size=(batch, seq, 32)).astype(np.float32)
-    segment_ids = _segments(batch, seq) if packed else None
+    segment_ids = _segments(rng, batch, seq) if packed else None
     positions = _positions(segment_ids) if packed else np.tile(np.arange(seq), (batch, 1))
     actual, _ = layer(jnp.asarray(x), _inputs(config, positions, segment_ids))
 
@@ -302,8 +303,8 @@ def test_dispatch_implementations_agree_with_gradients(rng):
 
 
 def test_platform_defaults_on_cpu_and_unknown_names(rng):
-    """On CPU: the grouped matmul defaults to XLA's ragged_dot, attention None is XLA's, kernel tuning does
-    nothing (it searches tokamax GPU kernels only); unknown names are refused."""
+    """On CPU: the grouped matmul defaults to XLA's ragged_dot, attention None is XLA's; unknown names are refused.
+    (Kernel tuning off the GPU: pallas_kernels/gmm/tests/test_tuning.py.)"""
     assert GROUPED_MATMUL.select(None) == "ragged_dot"
     q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32) for _ in range(2))
@@ -317,5 +318,3 @@ def test_platform_defaults_on_cpu_and_unknown_names(rng):
     assert relative_error(packed[:, 5:], alone) < 1e-5
     with pytest.raises(ValueError, match="causal_attention: unknown implementation 'flash'"):
         causal_attention(q, k, v, implementation="flash")
-    lowered = jax.jit(lambda a: grouped_matmul(a, a[None], jnp.array([4]))).lower(jnp.ones((4, 4)))
-    assert tune_grouped_matmuls(lowered) == []

@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import ChildProcess
 
-REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600
 TINY = [
     "--config.model.hidden_size=32", "--config.model.num_hidden_layers=3", "--config.model.layer_group_size=3",
     "--config.model.num_attention_heads=2", "--config.model.num_key_value_heads=1", "--config.model.head_dim=16",
-    "--config.model.group_norm_size=2", "--config.model.intermediate_size=64", "--config.model.moe_intermediate_size=16",
-    "--config.model.moe_shared_expert_intermediate_size=16", "--config.model.num_experts=8",
+    "--config.model.group_norm_size=2", "--config.model.intermediate_size=64",
+    "--config.model.moe_intermediate_size=16", "--config.model.moe_shared_expert_intermediate_size=16",
+    "--config.model.num_experts=8",
     "--config.model.num_experts_per_tok=2", "--config.model.n_group=2", "--config.model.topk_group=1",
     "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.train.log_every=1",
     "--config.train.steps=4", "--config.optim.warmup_steps=1", "--config.data.num_default_documents=2000",
@@ -32,36 +33,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, devices: int, extra: list[str]) -> subprocess.Popen:
+def _launch(workdir: Path, devices: int, extra: list[str], name: str) -> ChildProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen(
-        [sys.executable, "train.py", f"--workdir={workdir}", *TINY, *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    log_file = workdir.parent / f"{workdir.name}-{name}.log"
+    command = [sys.executable, "train.py", f"--workdir={workdir}", *TINY, *extra]
+    return ChildProcess(command, log_file=log_file, timeout_s=TIMEOUT_S, env=env)
 
 
 def _run(workdir: Path, *, processes: int, stop_at: int) -> None:
-    """Runs train.py to step `stop_at` (train.steps stays 4: same schedule) in 1 or 2 processes."""
+    """Runs train.py to step `stop_at` (train.steps stays 4: same schedule) in 1 or 2 processes, all killed when one
+    fails or the time runs out."""
     extra = [f"--config.train.stop_at_step={stop_at}"]
     if processes == 1:
-        launched = [_launch(workdir, 8, extra)]
+        launched = [_launch(workdir, 8, extra, f"to{stop_at}")]
     else:
         port = _free_port()
         launched = [
             _launch(workdir, 8 // processes, [*extra, f"--coordinator_address=localhost:{port}",
-                                              f"--num_processes={processes}", f"--process_id={index}"])
+                                              f"--num_processes={processes}", f"--process_id={index}"],
+                    f"to{stop_at}-process{index}")
             for index in range(processes)
         ]  # fmt: skip
-    outputs = []
-    for process in launched:
-        try:
-            outputs.append(process.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for other in launched:
-                os.killpg(other.pid, 9)
-            pytest.fail("train.py did not finish within 600 s:\n" + "\n".join(outputs))
-    for process, output in zip(launched, outputs, strict=True):
-        assert process.returncode == 0, output[-5000:]
+    try:
+        for process in launched:
+            output = process.finish()
+            assert process.returncode == 0, output[-5000:]
+    finally:
+        for process in launched:
+            process.kill()
 
 
 def _losses(workdir: Path) -> dict[int, float]:

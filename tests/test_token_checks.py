@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 from flax import nnx
 from jax.experimental import checkify
+from support import tiny_config
 
 from ring_jax.model import RingLinearModel
 from ring_jax.token_checks import check_tokens, max_sequence_length, token_errors

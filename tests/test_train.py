@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_helpers import tiny_config
+from support import tiny_train_config
 
 from ring_jax.config import ConfigError
 from ring_jax.data.pipeline import make_dataset
@@ -37,7 +37,7 @@ def test_expert_bias_sign_rule():
 
 
 def test_schedules_and_decay_mask():
-    optim = tiny_config().optim
+    optim = tiny_train_config().optim
     optim.update(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
     cosine = make_schedule(optim, 110)
     assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(0.5)
@@ -52,7 +52,7 @@ def test_schedules_and_decay_mask():
 
 def test_no_weight_decay_on_the_model_norm_scales():
     """On the real parameter tree (an nnx.State of Params): zero gradients move kernels by decay, never norms."""
-    config = tiny_config()
+    config = tiny_train_config()
     config.optim.update(learning_rate=0.1, weight_decay=0.5, warmup_steps=0, clip_norm=0.0)
     factory, _ = _factory_and_step(config)
     params = factory.init().params
@@ -97,15 +97,15 @@ def test_bad_config_and_data_fail_before_compilation(tmp_path):
     ]
     for overrides, error, field in cases:
         with pytest.raises(error, match=field):
-            train(tiny_config(**overrides), str(tmp_path / "run"))
+            train(tiny_train_config(**overrides), str(tmp_path / "run"))
     assert counter.count == 0, "errors must surface before anything is compiled"
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_resume_is_bitwise_exact(tmp_path):
-    straight = train(tiny_config(), str(tmp_path / "straight"))
-    first = train(tiny_config(), str(tmp_path / "resumed"), stop_at_step=3)
-    second = train(tiny_config(), str(tmp_path / "resumed"))
+    straight = train(tiny_train_config(), str(tmp_path / "straight"))
+    first = train(tiny_train_config(), str(tmp_path / "resumed"), stop_at_step=3)
+    second = train(tiny_train_config(), str(tmp_path / "resumed"))
     assert (straight.start_step, first.final_step, second.start_step, second.final_step) == (0, 3, 3, 6)
     resumed = {**first.losses, **second.losses}
     assert sorted(resumed) == list(range(1, 7))
@@ -130,7 +130,7 @@ def _factory_and_step(config):
 def test_gradient_accumulation_and_remat_match_one_big_batch():
     results = []
     for overrides in (dict(), dict(train__grad_accum_steps=2, model__remat_policy="full")):
-        config = tiny_config(**overrides)
+        config = tiny_train_config(**overrides)
         factory, train_step = _factory_and_step(config)
         batch = next(iter(make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=272)))
         with jax.set_mesh(factory.mesh):
@@ -144,7 +144,7 @@ def test_gradient_accumulation_and_remat_match_one_big_batch():
 
 
 def test_non_finite_step_leaves_state_unchanged_and_bias_moves():
-    config = tiny_config(optim__bias_update_rate=0.01)
+    config = tiny_train_config(optim__bias_update_rate=0.01)
     factory, train_step = _factory_and_step(config)
     batches = iter(make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=config.model.vocab_size))
     state = factory.init()
@@ -167,7 +167,7 @@ def test_non_finite_step_leaves_state_unchanged_and_bias_moves():
 
 
 def test_nan_stops_naming_the_step_and_never_checkpoints_nan(tmp_path):
-    config = tiny_config(optim__learning_rate=1e30, optim__clip_norm=0.0, optim__warmup_steps=0,
+    config = tiny_train_config(optim__learning_rate=1e30, optim__clip_norm=0.0, optim__warmup_steps=0,
                          checkpoint__every_n_steps=1, train__steps=8)
     with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*train.nan_policy='stop'"):
         train(config, str(tmp_path / "stop"))
@@ -186,7 +186,7 @@ def test_nan_stops_naming_the_step_and_never_checkpoints_nan(tmp_path):
 
 
 def test_loss_falls_on_a_tiny_run(tmp_path):
-    result = train(tiny_config(train__steps=40, train__log_every=10, checkpoint__every_n_steps=0),
+    result = train(tiny_train_config(train__steps=40, train__log_every=10, checkpoint__every_n_steps=0),
                    str(tmp_path / "run"))
     first = np.mean([result.losses[s] for s in range(1, 4)])
     last = np.mean([result.losses[s] for s in range(38, 41)])
@@ -203,7 +203,7 @@ def test_mtp_loss_targets_stay_inside_documents():
     np.testing.assert_array_equal(targets, [[2, 3, 4, 5, 0, 0]])
     np.testing.assert_array_equal(mask, [[1, 1, 0, 1, 0, 0]])  # t=2 would cross into document 2
 
-    config = tiny_config(model__num_nextn_predict_layers=1)
+    config = tiny_train_config(model__num_nextn_predict_layers=1)
     factory, train_step = _factory_and_step(config)
     batch = next(iter(make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=272)))
     with jax.set_mesh(factory.mesh):
@@ -217,7 +217,7 @@ def test_scanned_cycles_train_like_unrolled_layers():
     """6 layers, G=3: layers 3-5 form a scanned cycle; every MoE layer's bias moves, scan == unrolled."""
     losses = []
     for scan_layers in (True, False):
-        config = tiny_config(optim__bias_update_rate=0.01)
+        config = tiny_train_config(optim__bias_update_rate=0.01)
         config.model.num_hidden_layers = 6
         config.model.scan_layers = scan_layers
         factory, train_step = _factory_and_step(config)
@@ -257,7 +257,7 @@ def test_fused_chunked_loss_step_matches_full_logits_step():
     full fp32 logits and autodiff: same loss, gradient norm and updated parameters; with an MTP head too."""
     results = []
     for implementation in ("chunked", "reference"):
-        config = tiny_config(train__loss_implementation=implementation, train__loss_chunk_size=48,
+        config = tiny_train_config(train__loss_implementation=implementation, train__loss_chunk_size=48,
                              model__num_nextn_predict_layers=1)  # fmt: skip
         factory, train_step = _factory_and_step(config)
         batch = next(iter(make_dataset(config.data, seq_len=32, global_batch_size=4, vocab_size=272)))

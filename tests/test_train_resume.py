@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_helpers import tiny_config
+from support import tiny_train_config
 
 from ring_jax.config import ConfigError
 from ring_jax.data.pipeline import make_dataset
@@ -30,7 +30,7 @@ from ring_jax.train.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedErr
 
 
 def _config(**overrides):
-    return tiny_config(optim__warmup_steps=20, **overrides)  # 20 >= train.steps=6: clamped
+    return tiny_train_config(optim__warmup_steps=20, **overrides)  # 20 >= train.steps=6: clamped
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_config_changes_split_architecture_from_runtime():
 
 
 def test_effective_warmup_steps():
-    optim = tiny_config().optim
+    optim = tiny_train_config().optim
     for warmup, steps, expected in ((20, 10, 1), (20, 300, 20), (0, 5, 0), (5, 5, 0), (4, 5, 4), (3, 1, 0)):
         optim.warmup_steps = warmup
         assert effective_warmup_steps(optim, steps) == expected, (warmup, steps)
@@ -215,7 +215,7 @@ def test_effective_warmup_steps():
 )
 def test_non_finite_config_values_are_refused(overrides, field):
     with pytest.raises(ConfigError, match=field):
-        validate(tiny_config(**overrides))
+        validate(tiny_train_config(**overrides))
 
 
 # --- workdir lock --------------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
         ):
             WorkdirLock(str(workdir)).acquire()
         with pytest.raises(WorkdirLockedError):
-            train(tiny_config(), str(workdir))  # refused before anything is read or written
+            train(tiny_train_config(), str(workdir))  # refused before anything is read or written
         assert os.listdir(workdir) == [LOCK_FILE]
     assert not workdir.exists(), "the lock removes its file, and the workdir it created if nothing else is there"
 

@@ -40,12 +40,26 @@ class TpuConfig:
 
 def _weights(cfg: TpuConfig, rate_ref, doc_col_ref, doc_row_ref, chunk_index, prev_doc):
     n = jnp.minimum(cfg.seq - chunk_index * cfg.chunk, cfg.chunk)
-    return chunk_math.chunk_weights(rate_ref[pl.program_id(1)], n, doc_col_ref[...], doc_row_ref[...], prev_doc,
-                                    cfg.chunk, cfg.has_segments)
+    rate = rate_ref[pl.program_id(1)]
+    tables = chunk_math.decay_tables(rate, cfg.chunk, cfg.scale)
+    return chunk_math.chunk_weights(tables, rate, n, doc_col_ref[...], doc_row_ref[...], prev_doc, cfg.has_segments)
 
 
-def _forward_kernel(rate_ref, doc_col_ref, doc_row_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, state_ref,
-                    prev_doc_ref, *, cfg: TpuConfig):
+def _forward_kernel(
+    rate_ref,
+    doc_col_ref,
+    doc_row_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    s0_ref,
+    o_ref,
+    sf_ref,
+    state_ref,
+    prev_doc_ref,
+    *,
+    cfg: TpuConfig,
+):
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -54,7 +68,7 @@ def _forward_kernel(rate_ref, doc_col_ref, doc_row_ref, q_ref, k_ref, v_ref, s0_
         prev_doc_ref[0] = 0
 
     wts = _weights(cfg, rate_ref, doc_col_ref, doc_row_ref, i, prev_doc_ref[0])
-    out, state = chunk_math.forward(q_ref[...], k_ref[...], v_ref[...], state_ref[...], wts, cfg.scale)
+    out, state = chunk_math.forward(q_ref[...], k_ref[...], v_ref[...], state_ref[...], wts)
     o_ref[...] = out.astype(o_ref.dtype)
     state_ref[...] = state
     prev_doc_ref[0] = wts.last_doc
@@ -64,8 +78,9 @@ def _forward_kernel(rate_ref, doc_col_ref, doc_row_ref, q_ref, k_ref, v_ref, s0_
         sf_ref[...] = state
 
 
-def _dq_kernel(rate_ref, doc_col_ref, doc_row_ref, do_ref, k_ref, v_ref, s0_ref, dq_ref, state_ref, prev_doc_ref,
-               *, cfg: TpuConfig):
+def _dq_kernel(
+    rate_ref, doc_col_ref, doc_row_ref, do_ref, k_ref, v_ref, s0_ref, dq_ref, state_ref, prev_doc_ref, *, cfg: TpuConfig
+):
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -74,14 +89,29 @@ def _dq_kernel(rate_ref, doc_col_ref, doc_row_ref, do_ref, k_ref, v_ref, s0_ref,
         prev_doc_ref[0] = 0
 
     wts = _weights(cfg, rate_ref, doc_col_ref, doc_row_ref, i, prev_doc_ref[0])
-    dq, state = chunk_math.backward_dq(do_ref[...], k_ref[...], v_ref[...], state_ref[...], wts, cfg.scale)
+    dq, state = chunk_math.backward_dq(do_ref[...], k_ref[...], v_ref[...], state_ref[...], wts)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     state_ref[...] = state
     prev_doc_ref[0] = wts.last_doc
 
 
-def _dkdv_kernel(rate_ref, doc_col_ref, doc_row_ref, doc_before_ref, q_ref, k_ref, v_ref, do_ref, dsf_ref, dk_ref,
-                 dv_ref, ds0_ref, dstate_ref, *, cfg: TpuConfig):
+def _dkdv_kernel(
+    rate_ref,
+    doc_col_ref,
+    doc_row_ref,
+    doc_before_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    dsf_ref,
+    dk_ref,
+    dv_ref,
+    ds0_ref,
+    dstate_ref,
+    *,
+    cfg: TpuConfig,
+):
     step, num_chunks = pl.program_id(2), pl.num_programs(2)
     i = num_chunks - 1 - step
 
@@ -92,8 +122,8 @@ def _dkdv_kernel(rate_ref, doc_col_ref, doc_row_ref, doc_before_ref, q_ref, k_re
     prev_doc = jnp.where(i > 0, jnp.max(doc_before_ref[...]), 0) if cfg.has_segments else jnp.int32(0)
     wts = _weights(cfg, rate_ref, doc_col_ref, doc_row_ref, i, prev_doc)
     q, k, v, do, dstate = q_ref[...], k_ref[...], v_ref[...], do_ref[...], dstate_ref[...]
-    dk, new_dstate = chunk_math.backward_dk(q, v, do, dstate, wts, cfg.scale)
-    dv, _ = chunk_math.backward_dv(q, k, do, dstate, wts, cfg.scale)
+    dk, new_dstate = chunk_math.backward_dk(q, v, do, dstate, wts)
+    dv, _ = chunk_math.backward_dv(q, k, do, dstate, wts)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
     dstate_ref[...] = new_dstate
@@ -134,10 +164,14 @@ def _forward_call(q, k, v, rate, doc, s0, cfg: TpuConfig):
     tile, state, doc_col, doc_row, _, rate_spec = _specs(cfg, head_dim)
     state_shape = jax.ShapeDtypeStruct(s0.shape, jnp.float32)
     return _call(
-        _forward_kernel, cfg, (batch, heads, seq_len // cfg.chunk),
-        [rate_spec, doc_col, doc_row, tile, tile, tile, state], [tile, state],
+        _forward_kernel,
+        cfg,
+        (batch, heads, seq_len // cfg.chunk),
+        [rate_spec, doc_col, doc_row, tile, tile, tile, state],
+        [tile, state],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), state_shape],
-        [pltpu.VMEM((head_dim, head_dim), jnp.float32), pltpu.SMEM((1,), jnp.int32)], "lightning_forward_tpu",
+        [pltpu.VMEM((head_dim, head_dim), jnp.float32), pltpu.SMEM((1,), jnp.int32)],
+        "lightning_forward_tpu",
     )(rate, doc[:, :, None], doc[:, None, :], q, k, v, s0)
 
 
@@ -146,17 +180,29 @@ def _backward_call(q, k, v, rate, doc, s0, do, dsf, cfg: TpuConfig):
     grid = (batch, heads, seq_len // cfg.chunk)
     tile, state, doc_col, doc_row, _, rate_spec = _specs(cfg, head_dim)
     dq = _call(
-        _dq_kernel, cfg, grid, [rate_spec, doc_col, doc_row, tile, tile, tile, state], tile,
+        _dq_kernel,
+        cfg,
+        grid,
+        [rate_spec, doc_col, doc_row, tile, tile, tile, state],
+        tile,
         jax.ShapeDtypeStruct(q.shape, q.dtype),
-        [pltpu.VMEM((head_dim, head_dim), jnp.float32), pltpu.SMEM((1,), jnp.int32)], "lightning_backward_dq_tpu",
+        [pltpu.VMEM((head_dim, head_dim), jnp.float32), pltpu.SMEM((1,), jnp.int32)],
+        "lightning_backward_dq_tpu",
     )(rate, doc[:, :, None], doc[:, None, :], do, k, v, s0)
     tile, state, doc_col, doc_row, doc_before, rate_spec = _specs(cfg, head_dim, reverse=True)
     dk, dv, ds0 = _call(
-        _dkdv_kernel, cfg, grid, [rate_spec, doc_col, doc_row, doc_before, tile, tile, tile, tile, state],
+        _dkdv_kernel,
+        cfg,
+        grid,
+        [rate_spec, doc_col, doc_row, doc_before, tile, tile, tile, tile, state],
         [tile, tile, state],
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-         jax.ShapeDtypeStruct(s0.shape, jnp.float32)],
-        [pltpu.VMEM((head_dim, head_dim), jnp.float32)], "lightning_backward_dkdv_tpu",
+        [
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct(s0.shape, jnp.float32),
+        ],
+        [pltpu.VMEM((head_dim, head_dim), jnp.float32)],
+        "lightning_backward_dkdv_tpu",
     )(rate, doc[:, :, None], doc[:, None, :], doc[:, :, None], q, k, v, do, dsf)
     return dq, dk, dv, ds0
 
@@ -179,12 +225,18 @@ def lightning_attention_mosaic_tpu(
     """Same contract as `lightning_attention_reference`; decay_rate gets no gradient."""
     validate_inputs(q, k, v, decay_rate, initial_state, segment_ids)
     batch, seq, heads, head_dim = q.shape
-    cfg = TpuConfig(seq=seq, scale=default_scale(head_dim, scale), has_segments=segment_ids is not None,
-                    chunk=chunk, interpret=interpret)
+    cfg = TpuConfig(
+        seq=seq,
+        scale=default_scale(head_dim, scale),
+        has_segments=segment_ids is not None,
+        chunk=chunk,
+        interpret=interpret,
+    )
     doc = pad_to_multiple(document_index(segment_ids, batch, seq), 1, chunk, edge=True)
     qt, kt, vt = (jnp.swapaxes(pad_to_multiple(x, 1, chunk), 1, 2) for x in (q, k, v))
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, head_dim, head_dim), jnp.float32)
-    out, final_state = _lightning(qt, kt, vt, decay_rate.astype(jnp.float32), doc,
-                                  initial_state.astype(jnp.float32), cfg)
+    out, final_state = _lightning(
+        qt, kt, vt, decay_rate.astype(jnp.float32), doc, initial_state.astype(jnp.float32), cfg
+    )
     return jnp.swapaxes(out, 1, 2)[:, :seq], final_state

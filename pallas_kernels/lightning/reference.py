@@ -1,10 +1,10 @@
 """Pure-jnp lightning attention: chunked (training / prefill), token-recurrent, and single-step decode.
 
-Recurrence per (batch, head), spec §2.7: S_t = exp(-rate) * S_{t-1} + k_tᵀ v_t, o_t = scale * q_t S_t, with S
-reset to zero at every document start (segment id differs from the previous token's). Decay and state math
-run in fp32.
+Recurrence per (batch, head) (docs/architecture.md#lightning-attention): S_t = exp(-rate) * S_{t-1} + k_tᵀ v_t,
+o_t = scale * q_t S_t, with S reset to zero at every document start (segment id differs from the previous token's).
+Decay and state math run in fp32.
 
-Chunked form, spec §2.8, for a chunk with local 1-based positions p_c and incoming state S_in:
+Chunked form, for a chunk with local 1-based positions p_c and incoming state S_in:
   O = scale * [((Q Kᵀ) ⊙ M) V + diag(γ ⊙ exp(-rate p)) Q S_in],
   M_cj = exp(-rate (p_c - p_j)) [j <= c, same document],
   S_out = α S_in + Σ_j w_j k_jᵀ v_j,  α = exp(-rate n) [no document starts in the chunk],
@@ -95,15 +95,11 @@ def lightning_attention_reference(
         k_weight = jnp.exp(-rate[None, :, None] * (n - pos)[None, None, :]) * (
             (doc == last_doc[:, None])[:, None, :].astype(jnp.float32)
         )  # [b, h, c]
-        new_state = keep[..., None, None] * state + jnp.einsum(
-            "bhc,bchd,bche->bhde", k_weight, ki, vi, precision=_HI
-        )
+        new_state = keep[..., None, None] * state + jnp.einsum("bhc,bchd,bche->bhde", k_weight, ki, vi, precision=_HI)
         return (new_state, last_doc), out
 
     state0 = _initial_state(initial_state, batch, heads, head_dim)
-    (final_state, _), out = jax.lax.scan(
-        step, (state0, jnp.zeros((batch,), jnp.int32)), (qc, kc, vc, docs, valid)
-    )
+    (final_state, _), out = jax.lax.scan(step, (state0, jnp.zeros((batch,), jnp.int32)), (qc, kc, vc, docs, valid))
     out = jnp.moveaxis(out, 0, 1).reshape(batch, num_chunks * chunk_size, heads, head_dim)[:, :seq]
     return out.astype(q.dtype), final_state
 

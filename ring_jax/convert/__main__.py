@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decay-layer-offset",
         type=int,
         default=None,
-        help="lightning decay offset δ stored in the config (spec §2.6)",
+        help="lightning decay offset δ stored in the config (docs/architecture.md#decay)",
     )
     to_hf.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB, 2GiB")
     return parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -25,10 +26,11 @@ from ring_jax.convert.safetensors_io import (
     copy_assets,
     write_sharded,
 )
-from ring_jax.convert.transfer import FLOAT_CODES, TensorSource, load_state, model_tensors
+from ring_jax.convert.transfer import FLOAT_CODES, TensorSource, load_state, model_tensors, source_mtp_layout
 from ring_jax.model import RingLinearModel
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+log = logging.getLogger(__name__)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -59,10 +61,25 @@ def _checkpoint_dtype(hf: Mapping[str, Any], source: TensorSource) -> str:
 
 
 def _model_config(
-    hf: Mapping[str, Any], where: str, dtype: str, compute_dtype: Any, overrides: Mapping[str, Any] | None
+    hf: Mapping[str, Any],
+    where: str,
+    source: TensorSource,
+    dtype: str,
+    compute_dtype: Any,
+    overrides: Mapping[str, Any] | None,
 ) -> ModelConfig:
+    """config.model for an HF config and its tensors: a config.json whose num_hidden_layers counts the MTP blocks
+    (the Ling-2.0 layout) gives a main stack without them."""
     section = model_defaults()
     apply_hf_config(section, hf, where)
+    mtp = source_mtp_layout(source, section.num_hidden_layers, section.num_nextn_predict_layers)
+    if mtp.kind == "inside":
+        log.warning(
+            "%s: num_hidden_layers=%d counts the %d MTP blocks stored as model.layers.%d… (the Ling-2.0 layout); "
+            "loading a main stack of %d layers (to-hf writes them after it, the Ling-2.5 layout)",
+            where, section.num_hidden_layers, section.num_nextn_predict_layers, mtp.main_layers, mtp.main_layers,
+        )  # fmt: skip
+        section.num_hidden_layers = mtp.main_layers
     section.param_dtype = dtype
     section.dtype = _dtype_name(compute_dtype) if compute_dtype is not None else dtype
     section.update(dict(overrides or {}))
@@ -97,7 +114,7 @@ def from_hf(
     hf = read_hf_config(path)
     reader = SafetensorsReader(path)
     weight_dtype = _dtype_name(dtype) if dtype is not None else _checkpoint_dtype(hf, reader)
-    config = _model_config(hf, str(path / "config.json"), weight_dtype, compute_dtype, overrides)
+    config = _model_config(hf, str(path / "config.json"), reader, weight_dtype, compute_dtype, overrides)
     return _load(reader, config, mesh, progress)
 
 
@@ -291,7 +308,7 @@ def from_torch_state_dict(
             model_config = model_config.replace(param_dtype=_dtype_name(dtype))
     elif isinstance(config, Mapping):
         weight_dtype = _dtype_name(dtype) if dtype is not None else _checkpoint_dtype(config, source)
-        model_config = _model_config(config, "config", weight_dtype, None, None)
+        model_config = _model_config(config, "config", source, weight_dtype, None, None)
     else:
         raise TypeError(f"config must be an HF config dict, a ConfigDict or a ModelConfig, got {type(config)}")
     return _load(source, model_config, mesh, progress=False)

@@ -1,6 +1,6 @@
 """HF `config.json` (model_type bailing_moe_linear) ⇄ ring_jax `config.model` mapping, both ways.
 
-`config.model` uses the HF field names of spec §1.2, so architecture fields copy across 1:1. What HF has and
+`config.model` uses the HF field names, so architecture fields copy across 1:1. What HF has and
 ring_jax does not model is split in two: fields with a single supported value (checked on read, written on
 export) and inert metadata (token ids, auto_map, transformers_version, …) that is carried through unchanged as
 "passthrough". ring_jax-only fields (decay_layer_offset, dtype, implementations, …) never enter config.json.
@@ -20,9 +20,9 @@ from ring_jax.errors import RingJaxError
 
 MODEL_TYPE = "bailing_moe_linear"
 ARCHITECTURE = "BailingMoeLinearV2ForCausalLM"
-# Architecture names engines accept for this checkpoint format (spec §1.1).
+# Architecture names engines accept for this checkpoint format.
 ARCHITECTURE_ALIASES = frozenset({ARCHITECTURE, "BailingMoeLinearForCausalLM", "BailingMoELinearForCausalLM"})
-# The HF remote code release this format is pinned to (spec §1.1).
+# The HF remote code release this format is pinned to.
 TRANSFORMERS_VERSION = "4.56.1"
 AUTO_MAP = {
     "AutoConfig": "configuration_bailing_moe_linear_v2.BailingMoeLinearV2Config",
@@ -157,7 +157,7 @@ def apply_hf_config(config_model: Any, hf: Mapping[str, Any], where: str = "conf
 
 def model_to_hf_config(config_model: Any, *, torch_dtype: str, passthrough: Mapping[str, Any] | None = None) -> dict:
     """config.model (ConfigDict, ModelConfig dataclass or dict) -> HF config.json dict with every field of
-    spec §1.2.
+    the released config.json.
 
     Unsupported values (e.g. tie_word_embeddings=True) raise HFConfigError naming the field.
     """

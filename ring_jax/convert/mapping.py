@@ -15,7 +15,8 @@ head-major).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,9 +101,9 @@ LAYER_RULES: tuple[Rule, ...] = (
     Rule("mlp.shared.down.kernel", "mlp.shared_experts.down_proj.weight", T, SHARED_EXPERT),
 )
 
-# Multi-token-prediction block d (spec §4.4), stored after the main stack as HF layer num_hidden_layers + d
-# (the Ling-2.5 convention; no released Ring-linear checkpoint has MTP weights, so this layout is
-# unverified). Its decoder layer uses LAYER_RULES under "mtp_layers.{d}.layer".
+# Multi-token-prediction block d (docs/architecture.md#multi-token-prediction): these rules plus the decoder layer's
+# LAYER_RULES, all under the block's name prefix (`MTPLayout.block_prefix`); in the ring_jax tree the layer is
+# "mtp_layers.{d}.layer".
 MTP_RULES: tuple[Rule, ...] = (
     Rule("embed_norm.scale", "enorm.weight", K),
     Rule("hidden_norm.scale", "hnorm.weight", K),
@@ -112,7 +113,58 @@ MTP_RULES: tuple[Rule, ...] = (
 
 # Substrings of HF names holding no weights (non-persistent buffers some exporters keep): skipped on import.
 IGNORED_HF_SUBSTRINGS = ("slope", "inv_freq")
-MTP_PREFIX = "model.mtp"
+MTP_PREFIX = "model.mtp."  # the separate prefix some exporters use for MTP blocks (engines skip it)
+_APPENDED_MTP_MARKER = re.compile(r"model\.layers\.(\d+)\.eh_proj\.weight")  # only MTP blocks hold eh_proj
+_PREFIXED_MTP_BLOCK = re.compile(r"model\.mtp\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class MTPLayout:
+    """Where a checkpoint keeps its MTP blocks, found from its tensor names by `mtp_layout`.
+
+    kind: "appended" (block d is `model.layers.{main_layers + d}`, the Ling-2.5 layout and the one ring_jax writes),
+    "inside" (the same names, but config.json's num_hidden_layers counts the blocks: the Ling-2.0 layout),
+    "prefixed" (block d is `model.mtp.layers.{d}`) or "none" (no MTP tensors: names as "appended").
+    main_layers: decoder layers of the main stack (ring_jax's num_hidden_layers).
+    held: the MTP blocks the checkpoint holds.
+    """
+
+    kind: str
+    main_layers: int
+    held: int
+
+    def block_prefix(self, depth: int) -> str:
+        if self.kind == "prefixed":
+            return f"{MTP_PREFIX}layers.{depth}."
+        return f"model.layers.{self.main_layers + depth}."
+
+    def is_unused(self, name: str, used: int) -> bool:
+        """Whether `name` belongs to an MTP block past the first `used` (a config with num_nextn_predict_layers =
+        `used` has no place for it); under the `model.mtp.` prefix, so does any name outside its blocks."""
+        if self.kind == "prefixed":
+            block = _PREFIXED_MTP_BLOCK.match(name)
+            return name.startswith(MTP_PREFIX) and (block is None or int(block.group(1)) >= used)
+        return any(name.startswith(self.block_prefix(depth)) for depth in range(used, self.held))
+
+
+def mtp_layout(names: Iterable[str], num_hidden_layers: int, num_nextn_predict_layers: int) -> MTPLayout:
+    """The MTP layout of a checkpoint with these tensor names and config.json values (see `MTPLayout`).
+
+    Raises ValueError when MTP blocks appear both under `model.mtp.` and among `model.layers.*`."""
+    names = list(names)
+    appended = sorted(int(m.group(1)) for m in map(_APPENDED_MTP_MARKER.fullmatch, names) if m)
+    prefixed = [name for name in names if name.startswith(MTP_PREFIX)]
+    if appended and prefixed:
+        raise ValueError(f"MTP blocks stored twice: as {prefixed[0]!r} and as 'model.layers.{appended[0]}.*'")
+    if prefixed:
+        depths = [int(m.group(1)) for m in map(_PREFIXED_MTP_BLOCK.match, prefixed) if m]
+        return MTPLayout("prefixed", num_hidden_layers, max(depths, default=-1) + 1)
+    if not appended:
+        return MTPLayout("none", num_hidden_layers, 0)
+    if num_nextn_predict_layers and appended[0] == num_hidden_layers - num_nextn_predict_layers:
+        return MTPLayout("inside", appended[0], len(appended))
+    return MTPLayout("appended", num_hidden_layers, len(appended) if appended[0] == num_hidden_layers else 0)
+
 
 Path = tuple[str | int, ...]
 
@@ -153,9 +205,11 @@ def layer_prefix(location: tuple) -> tuple[Path, tuple[int, ...]]:
     raise ValueError(f"unknown layer location {location!r}")
 
 
-def build_plan(config: ModelConfig, locations: list[tuple]) -> dict[Path, LeafPlan]:
-    """Expands the rule tables for one config; `locations[i]` is the place of HF layer i in the ring_jax
-    tree."""
+def build_plan(config: ModelConfig, locations: list[tuple], mtp: MTPLayout | None = None) -> dict[Path, LeafPlan]:
+    """Expands the rule tables for one config; `locations[i]` is the place of HF layer i in the ring_jax tree.
+
+    mtp: how the checkpoint names its MTP blocks (default: appended after the main stack, as ring_jax writes)."""
+    mtp = mtp or MTPLayout("appended", config.num_hidden_layers, config.num_nextn_predict_layers)
     plans: dict[Path, LeafPlan] = {}
 
     def add(path: Path, piece: Piece) -> None:
@@ -163,16 +217,13 @@ def build_plan(config: ModelConfig, locations: list[tuple]) -> dict[Path, LeafPl
 
     for rule in MODEL_RULES:
         add(_split(rule.ring), Piece(rule.hf, (), rule.transform))
-    layers = [(i, *layer_prefix(location)) for i, location in enumerate(locations)]
+    layers = [(i, f"model.layers.{i}.", *layer_prefix(location)) for i, location in enumerate(locations)]
     for depth in range(config.num_nextn_predict_layers):
-        hf_layer = config.num_hidden_layers + depth
-        layers.append((hf_layer, ("mtp_layers", depth, "layer"), ()))
+        prefix = mtp.block_prefix(depth)
+        layers.append((config.num_hidden_layers + depth, prefix, ("mtp_layers", depth, "layer"), ()))
         for rule in MTP_RULES:
-            add(
-                ("mtp_layers", depth, *_split(rule.ring)),
-                Piece(f"model.layers.{hf_layer}.{rule.hf}", (), rule.transform),
-            )
-    for layer, prefix, stack_index in layers:
+            add(("mtp_layers", depth, *_split(rule.ring)), Piece(prefix + rule.hf, (), rule.transform))
+    for layer, hf_prefix, prefix, stack_index in layers:
         for rule in LAYER_RULES:
             path = prefix + _split(rule.ring)
             if not rule.when(config, layer):
@@ -180,7 +231,7 @@ def build_plan(config: ModelConfig, locations: list[tuple]) -> dict[Path, LeafPl
             if not rule.stored(config):
                 plans.setdefault(path, LeafPlan(path)).fill_absent = rule.fill_absent
                 continue
-            hf = f"model.layers.{layer}.{rule.hf}"
+            hf = hf_prefix + rule.hf
             if rule.per_expert:
                 for e in range(config.num_experts):
                     add(path, Piece(hf.format(e=e), (*stack_index, e), rule.transform))
@@ -189,8 +240,6 @@ def build_plan(config: ModelConfig, locations: list[tuple]) -> dict[Path, LeafPl
     return plans
 
 
-def is_ignored_hf_name(name: str, config: ModelConfig) -> bool:
-    """Names that hold no weights ring_jax needs: non-persistent buffers, and MTP tensors when MTP is off."""
-    if any(part in name for part in IGNORED_HF_SUBSTRINGS):
-        return True
-    return config.num_nextn_predict_layers == 0 and name.startswith(MTP_PREFIX)
+def is_ignored_hf_name(name: str) -> bool:
+    """Names that hold no weights: non-persistent buffers some exporters keep."""
+    return any(part in name for part in IGNORED_HF_SUBSTRINGS)

@@ -10,6 +10,7 @@ order or grouped by ring_jax leaf (for streaming from a checkpoint).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,7 +21,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ring_jax.config import ModelConfig
-from ring_jax.convert.mapping import LeafPlan, Path, Piece, build_plan, is_ignored_hf_name, path_str
+from ring_jax.convert.mapping import (
+    LeafPlan,
+    MTPLayout,
+    Path,
+    Piece,
+    build_plan,
+    is_ignored_hf_name,
+    mtp_layout,
+    path_str,
+)
 from ring_jax.convert.safetensors_io import CheckpointError, PlannedTensor, TensorInfo
 from ring_jax.layers.moe import ExpertBias
 from ring_jax.model import RingLinearModel, abstract_model, layer_locations
@@ -29,6 +39,7 @@ from ring_jax.sharding import state_shardings
 # safetensors dtype codes ⇄ numpy dtypes of the floating-point tensors a checkpoint may hold.
 FLOAT_CODES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 PERSISTENT = nnx.Any(nnx.Param, ExpertBias)  # what a checkpoint stores (ExpertLoad is per-step scratch)
+log = logging.getLogger(__name__)
 
 
 class TensorSource(Protocol):
@@ -46,9 +57,10 @@ def _flat(state: nnx.State) -> dict[Path, nnx.Variable]:
     return dict(nnx.to_flat_state(state))
 
 
-def model_plan(config: ModelConfig, abstract_state: nnx.State) -> dict[Path, LeafPlan]:
-    """The mapping plan for `config`, checked against the model's parameter tree in both directions."""
-    plan = build_plan(config, layer_locations(config))
+def model_plan(config: ModelConfig, abstract_state: nnx.State, mtp: MTPLayout | None = None) -> dict[Path, LeafPlan]:
+    """The mapping plan for `config` (MTP blocks named as `mtp` says, by default as ring_jax writes them), checked
+    against the model's parameter tree in both directions."""
+    plan = build_plan(config, layer_locations(config), mtp)
     leaves = _flat(abstract_state)
     missing = sorted(path_str(p) for p in leaves if p not in plan)
     extra = sorted(path_str(p) for p in plan if p not in leaves)
@@ -70,9 +82,19 @@ def _expected_hf_shape(leaf_shape: tuple[int, ...], piece: Piece) -> tuple[int, 
     return piece.transform.hf_shape(leaf_shape[len(piece.index) :])
 
 
-def check_source(source: TensorSource, config: ModelConfig, plan: dict[Path, LeafPlan], leaves: dict) -> None:
+def source_mtp_layout(source: TensorSource, num_hidden_layers: int, num_nextn_predict_layers: int) -> MTPLayout:
+    """`mapping.mtp_layout` of a source's tensor names; an ambiguous layout is a CheckpointError naming the source."""
+    try:
+        return mtp_layout(source.tensors, num_hidden_layers, num_nextn_predict_layers)
+    except ValueError as e:
+        raise CheckpointError(f"{_where(source)}: {e}") from None
+
+
+def check_source(
+    source: TensorSource, config: ModelConfig, plan: dict[Path, LeafPlan], leaves: dict, mtp: MTPLayout
+) -> None:
     """Missing / unexpected tensors, wrong shapes and non-float dtypes, each named with its file, before any
-    copy."""
+    copy. Tensors of MTP blocks the config does not use are skipped with a warning saying how to load them."""
     expected: dict[str, tuple[int, ...]] = {}
     for path, leaf_plan in plan.items():
         shape = leaves[path].get_value().shape
@@ -81,10 +103,20 @@ def check_source(source: TensorSource, config: ModelConfig, plan: dict[Path, Lea
     missing = [name for name in expected if name not in source.tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"missing tensor {missing[0]!r}{more} in {_where(source)}")
+        absent_block = next((depth for depth in range(mtp.held, config.num_nextn_predict_layers)
+                             if missing[0].startswith(mtp.block_prefix(depth))), None)  # fmt: skip
+        why = "" if absent_block is None else (
+            f": it belongs to MTP block {absent_block}, but the checkpoint holds {mtp.held} MTP blocks and the "
+            f"config asks for num_nextn_predict_layers={config.num_nextn_predict_layers}"
+        )  # fmt: skip
+        raise CheckpointError(f"missing tensor {missing[0]!r}{more} in {_where(source)}{why}")
+    unused = []
     for name, info in source.tensors.items():
         if name not in expected:
-            if is_ignored_hf_name(name, config):
+            if is_ignored_hf_name(name):
+                continue
+            if mtp.is_unused(name, config.num_nextn_predict_layers):
+                unused.append(name)
                 continue
             raise CheckpointError(f"unexpected tensor {name!r} in {info.file} (no ring_jax parameter maps to it)")
         if info.shape != expected[name]:
@@ -98,7 +130,15 @@ def check_source(source: TensorSource, config: ModelConfig, plan: dict[Path, Lea
                 f"({', '.join(FLOAT_CODES)})"
             )
         if name.endswith("expert_bias") and info.dtype != "F32":
-            raise CheckpointError(f"tensor {name!r} in {info.file}: dtype {info.dtype}, expected F32 (spec §5)")
+            raise CheckpointError(
+                f"tensor {name!r} in {info.file}: dtype {info.dtype}, expected F32 (expert biases stay fp32)"
+            )
+    if unused:
+        log.warning(
+            "%s: skipping %d tensor(s) of MTP blocks the config does not use (e.g. %r): num_nextn_predict_layers=%d, "
+            "the checkpoint holds %d MTP blocks; set model.num_nextn_predict_layers to load them",
+            _where(source), len(unused), unused[0], config.num_nextn_predict_layers, mtp.held,
+        )  # fmt: skip
 
 
 def _where(source: TensorSource) -> str:
@@ -113,15 +153,17 @@ def load_state(
     mesh: Mesh | None = None,
     on_tensor: Callable[[str], None] = lambda name: None,
 ) -> RingLinearModel:
-    """Builds a RingLinearModel for `config` whose weights come from `source` (HF names).
+    """Builds a RingLinearModel for `config` whose weights come from `source` (HF names; MTP blocks in any of the
+    layouts `mapping.mtp_layout` recognises).
 
     Weights take the config's param_dtype (expert biases fp32). With `mesh`, each leaf goes straight to the
     NamedSharding its logical axis names give on that mesh; otherwise to the default device.
     """
     graphdef, abstract_params, abstract_rest = split_abstract(config)
-    plan = model_plan(config, abstract_params)
+    mtp = source_mtp_layout(source, config.num_hidden_layers, config.num_nextn_predict_layers)
+    plan = model_plan(config, abstract_params, mtp)
     leaves = _flat(abstract_params)
-    check_source(source, config, plan, leaves)
+    check_source(source, config, plan, leaves, mtp)
     shardings = _flat(state_shardings(abstract_params, mesh)) if mesh is not None else {}
 
     values: list[tuple[Path, nnx.Variable]] = []

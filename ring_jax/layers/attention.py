@@ -1,4 +1,5 @@
-"""GQA softmax-attention layer (every G-th layer, spec §3) with an optional fixed-size KV cache."""
+"""GQA softmax-attention layer (every G-th layer) with an optional fixed-size KV cache
+(docs/architecture.md#softmax-attention)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class KVCache(NamedTuple):
 
 
 class QKNormRope(nnx.Module):
-    """Per-head RMSNorm on q and k (weights [head_dim] shared by heads), then partial RoPE (spec §2.3–2.4)."""
+    """Per-head RMSNorm on q and k (weights [head_dim] shared by heads), then partial RoPE."""
 
     def __init__(self, config: ModelConfig):
         eps, param_dtype = config.rms_norm_eps, config.weight_dtype
@@ -59,7 +60,7 @@ class SoftmaxAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs, fp8=config.fp8)
         self.qkv = Linear(config.hidden_size, (heads + 2 * kv_heads) * head_dim, names=("embed", "qkv"), **kwargs)
         self.qk = QKNormRope(config)
         self.out = Linear(heads * head_dim, config.hidden_size, names=("heads", "embed"), **kwargs)

@@ -1,4 +1,5 @@
-"""Lightning (linear) attention layer (spec §2): per-head constant decay, grouped RMSNorm, sigmoid output gate."""
+"""Lightning (linear) attention layer: per-head constant decay, grouped RMSNorm, sigmoid output gate
+(docs/architecture.md#lightning-attention)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from ring_jax.sharding import constrain, per_shard
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
-    """Per-head base decay s_h (spec §2.6): geometric with ratio 2^(-8/p) for the power of two p <= heads; the
-    remaining heads take every second slope of 2p."""
+    """Per-head base decay s_h (docs/architecture.md#decay): geometric with ratio 2^(-8/p) for the power of two
+    p <= heads; the remaining heads take every second slope of 2p."""
 
     def power_of_two_slopes(count: int) -> list[float]:
         ratio = 2.0 ** (-(2.0 ** -(math.log2(count) - 3)))
@@ -45,7 +46,7 @@ class LightningAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         width = config.num_attention_heads * config.head_dim
-        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs, fp8=config.fp8)
         self.qkv = Linear(config.hidden_size, 3 * width, names=("embed", "qkv"), **kwargs)
         self.qk = QKNormRope(config)
         self.gate = Linear(config.hidden_size, width, names=("embed", "heads"), **kwargs)

@@ -28,7 +28,8 @@ class RMSNorm(nnx.Module):
 
 
 class GroupRMSNorm(nnx.Module):
-    """RMSNorm over `num_groups` contiguous channel groups (spec §2.9); per-channel weight [width].
+    """RMSNorm over `num_groups` contiguous channel groups; per-channel weight [width]
+    (docs/architecture.md#lightning-attention).
 
     The statistics never cross a group, so a tensor-parallel shard of whole groups normalises locally.
     """

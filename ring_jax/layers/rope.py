@@ -1,4 +1,5 @@
-"""Partial NeoX rotary embedding (spec §2.4): rotate-half on the first `rotary_dim` channels of each head."""
+"""Partial NeoX rotary embedding: rotate-half on the first `rotary_dim` channels of each head
+(docs/architecture.md#rotary-embedding-and-qk-norm)."""
 
 from __future__ import annotations
 

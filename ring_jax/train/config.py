@@ -49,9 +49,9 @@ def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     optim.decay_fraction = 0.2  # 'wsd': fraction of steps spent in the final linear decay
     optim.min_lr_ratio = 0.1  # final lr = min_lr_ratio * learning_rate
     optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
-    optim.bias_update_rate = 1e-3  # aux-loss-free expert-bias update rate u (spec §4.3); 0 disables
+    optim.bias_update_rate = 1e-3  # aux-loss-free expert-bias update rate u; 0 disables
     optim.bias_zero_mean = True  # Ant's zero-mean variant of the sign update
-    optim.router_z_loss_coef = 3.5e-6  # router z-loss coefficient (spec §4.3)
+    optim.router_z_loss_coef = 3.5e-6  # router z-loss coefficient
 
     data = ml_collections.ConfigDict()
     data.source = "default"  # 'default' (embedded synthetic tasks) or comma-separated local paths / globs

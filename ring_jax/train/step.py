@@ -1,5 +1,5 @@
 """The jitted train step: masked token CE + router z-loss + optional MTP loss, gradient accumulation, AdamW,
-NaN/Inf guard, then the aux-loss-free expert-bias update (spec §4.3)."""
+NaN/Inf guard, then the aux-loss-free expert-bias update (docs/architecture.md#load-balancing)."""
 
 from __future__ import annotations
 

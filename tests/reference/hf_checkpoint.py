@@ -1,5 +1,5 @@
 """Tiny random HF-format Ring-linear checkpoints for conversion tests, built from the PyTorch reference model
-(so tensor names and shapes come from the spec-derived reference, not from the converter under test)."""
+(so tensor names and shapes come from the independent reference, not from the converter under test)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def random_state_dict(config: dict[str, Any], seed: int = 0, dtype: torch.dtype 
     state = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("expert_bias"):
-            state[name] = 0.3 * torch.randn(tensor.shape)  # fp32 whatever the weight dtype (spec §5)
+            state[name] = 0.3 * torch.randn(tensor.shape)  # fp32 whatever the weight dtype
         elif tensor.ndim == 1:
             state[name] = (1.0 + 0.2 * torch.randn(tensor.shape)).to(dtype)
         else:

@@ -1,4 +1,4 @@
-"""Float64 NumPy reference of the Ring-linear forward, written from the spec (ring_linear_spec.md §1–§4).
+"""Float64 NumPy reference of the Ring-linear forward, written from docs/architecture.md.
 
 Independent of the JAX code: plain loops and closed forms, no chunking, no sorting tricks. Weights use the JAX
 layout ([in, out] kernels) so tests can feed the model's own parameters.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from pallas_kernels.lightning.tests.lightning_testing import numpy_recurrence
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -36,7 +38,7 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, rotary_dim: int) ->
 
 
 def alibi_slopes(heads: int) -> np.ndarray:
-    """Spec §2.6: s_h = r^(h+1), r = 2^(-2^-(log2 p - 3)) for the power of two p <= heads; extra heads take
+    """s_h = r^(h+1), r = 2^(-2^-(log2 p - 3)) for the power of two p <= heads; extra heads take
     every second slope of 2p."""
 
     def geometric(count: int) -> list[float]:
@@ -45,23 +47,6 @@ def alibi_slopes(heads: int) -> np.ndarray:
 
     p = 2 ** int(math.floor(math.log2(heads)))
     return np.array(geometric(p) + geometric(2 * p)[0::2][: heads - p])
-
-
-def lightning_recurrence(q, k, v, decay, scale, segment_ids=None, state=None):
-    """S_t = λ S_{t-1} + k_tᵀ v_t, o_t = scale q_t S_t per (batch, head); S resets at a segment change.
-
-    q, k, v [batch, seq, heads, dim]; decay [heads] = λ. Returns (out, final state [batch, heads, dim, dim])."""
-    batch, seq, heads, dim = q.shape
-    state = np.zeros((batch, heads, dim, dim)) if state is None else state.astype(np.float64).copy()
-    out = np.zeros_like(q, dtype=np.float64)
-    for b in range(batch):
-        for t in range(seq):
-            if segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]:
-                state[b] = 0.0
-            for h in range(heads):
-                state[b, h] = decay[h] * state[b, h] + np.outer(k[b, t, h], v[b, t, h])
-                out[b, t, h] = scale * q[b, t, h] @ state[b, h]
-    return out, state
 
 
 def gqa_attention(q, k, v, segment_ids=None):
@@ -134,45 +119,88 @@ def is_softmax_layer(i, cfg):
     return (i + 1) % g == 0 or i >= (n // g) * g
 
 
+def segment_positions(segment_ids, batch, seq):
+    """[batch, seq] float positions: 0, 1, … within each segment (plain 0..seq-1 without segments)."""
+    if segment_ids is None:
+        return np.tile(np.arange(seq, dtype=np.float64), (batch, 1))
+    positions = np.zeros((batch, seq))
+    for b in range(batch):
+        for t in range(1, seq):
+            positions[b, t] = 0 if segment_ids[b, t] != segment_ids[b, t - 1] else positions[b, t - 1] + 1
+    return positions
+
+
+def decoder_layer(x, layer, cfg, positions, segment_ids, *, index, softmax, dense):
+    """x [batch, seq, hidden] -> x + Attn(RMSNorm(x)), then + MLP(RMSNorm(·)). layer: input_norm, post_norm, qkv,
+    q_norm, k_norm, out; attn_gate and out_norm for lightning attention; gate_proj/up_proj/down_proj for a dense MLP,
+    else the MoE tensors of `moe`. `index` (the 0-based HF layer index) sets the lightning decay."""
+    batch, seq, _ = x.shape
+    heads, kv_heads, dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps = cfg["rms_norm_eps"]
+    rotary = int(dim * cfg["partial_rotary_factor"])
+    h = rms_norm(x, layer["input_norm"], eps)
+    qkv = h @ layer["qkv"]
+    if softmax:
+        q = qkv[..., : heads * dim].reshape(batch, seq, heads, dim)
+        k = qkv[..., heads * dim : (heads + kv_heads) * dim].reshape(batch, seq, kv_heads, dim)
+        v = qkv[..., (heads + kv_heads) * dim :].reshape(batch, seq, kv_heads, dim)
+    else:
+        q, k, v = (a.reshape(batch, seq, heads, dim) for a in np.split(qkv, 3, axis=-1))
+    q = rope(rms_norm(q, layer["q_norm"], eps), positions, cfg["rope_theta"], rotary)
+    k = rope(rms_norm(k, layer["k_norm"], eps), positions, cfg["rope_theta"], rotary)
+    if softmax:
+        attended = gqa_attention(q, k, v, segment_ids).reshape(batch, seq, heads * dim)
+    else:
+        factor = 1 - (index - cfg["decay_layer_offset"]) / (cfg["num_hidden_layers"] - 1) + 1e-5
+        o, _ = numpy_recurrence(q, k, v, alibi_slopes(heads) * factor, dim**-0.5, segment_ids=segment_ids)
+        o = group_rms_norm(o.reshape(batch, seq, heads * dim), layer["out_norm"], cfg["group_norm_size"], eps)
+        attended = o / (1.0 + np.exp(-(h @ layer["attn_gate"])))
+    x = x + attended @ layer["out"]
+    h = rms_norm(x, layer["post_norm"], eps)
+    if dense:
+        return x + swiglu(h, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
+    return x + moe(h.reshape(batch * seq, -1), layer, cfg).reshape(x.shape)
+
+
+def model_hidden(tokens, weights, cfg, segment_ids=None):
+    """The residual stream after the last decoder layer (before the final norm), [batch, seq, hidden]."""
+    positions = segment_positions(segment_ids, *tokens.shape)
+    x = weights["embed"][tokens]
+    for i, layer in enumerate(weights["layers"]):
+        softmax, dense = is_softmax_layer(i, cfg), i < cfg["first_k_dense_replace"]
+        x = decoder_layer(x, layer, cfg, positions, segment_ids, index=i, softmax=softmax, dense=dense)
+    return x
+
+
 def model_logits(tokens, weights, cfg, segment_ids=None):
     """Whole-model logits [batch, seq, vocab]. weights: 'embed' [V, h], 'final_norm', 'lm_head' [h, V], 'layers'
-    (one dict per layer with input_norm, post_norm, qkv, q_norm, k_norm, out, attn_gate/out_norm for lightning
-    layers, and gate_proj/up_proj/down_proj for dense layers or the MoE tensors of `moe`)."""
+    (one `decoder_layer` dict per layer)."""
+    hidden = model_hidden(tokens, weights, cfg, segment_ids)
+    return rms_norm(hidden, weights["final_norm"], cfg["rms_norm_eps"]) @ weights["lm_head"]
+
+
+def mtp_logits(tokens, weights, cfg, segment_ids=None):
+    """Logits [batch, seq, vocab] of each multi-token-prediction block d = 1, 2, … (weights['mtp'][d - 1]: embed_norm,
+    hidden_norm, projection [2h, h], final_norm and a softmax-attention MoE `layer`), where position t predicts
+    token t + d + 1 from h_t and the embedding of token t + d:
+
+        z = [RMSNorm_e(embed(token t + d)) ‖ RMSNorm_h(h_t)] · projection;  h'_t = layer(z);  logits = RMSNorm_f(h'_t)
+        · lm_head, with h_t the main stack's residual stream for d = 1 and block d − 1's h' after that.
+
+    Positions t ≥ seq − d have no token t + d (token 0 stands in): their logits are meaningless."""
     batch, seq = tokens.shape
-    heads, kv_heads, dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    eps, n_layers = cfg["rms_norm_eps"], cfg["num_hidden_layers"]
-    rotary = int(dim * cfg["partial_rotary_factor"])
-    if segment_ids is None:
-        positions = np.tile(np.arange(seq, dtype=np.float64), (batch, 1))
-    else:
-        positions = np.zeros((batch, seq))
-        for b in range(batch):
-            for t in range(1, seq):
-                positions[b, t] = 0 if segment_ids[b, t] != segment_ids[b, t - 1] else positions[b, t - 1] + 1
-    x = weights["embed"][tokens]
-    slopes = alibi_slopes(heads)
-    for i, layer in enumerate(weights["layers"]):
-        h = rms_norm(x, layer["input_norm"], eps)
-        qkv = h @ layer["qkv"]
-        if is_softmax_layer(i, cfg):
-            q = qkv[..., : heads * dim].reshape(batch, seq, heads, dim)
-            k = qkv[..., heads * dim : (heads + kv_heads) * dim].reshape(batch, seq, kv_heads, dim)
-            v = qkv[..., (heads + kv_heads) * dim :].reshape(batch, seq, kv_heads, dim)
-        else:
-            q, k, v = (a.reshape(batch, seq, heads, dim) for a in np.split(qkv, 3, axis=-1))
-        q = rope(rms_norm(q, layer["q_norm"], eps), positions, cfg["rope_theta"], rotary)
-        k = rope(rms_norm(k, layer["k_norm"], eps), positions, cfg["rope_theta"], rotary)
-        if is_softmax_layer(i, cfg):
-            attended = gqa_attention(q, k, v, segment_ids).reshape(batch, seq, heads * dim)
-        else:
-            factor = 1 - (i - cfg["decay_layer_offset"]) / (n_layers - 1) + 1e-5
-            o, _ = lightning_recurrence(q, k, v, np.exp(-slopes * factor), dim**-0.5, segment_ids)
-            o = group_rms_norm(o.reshape(batch, seq, heads * dim), layer["out_norm"], cfg["group_norm_size"], eps)
-            attended = o / (1.0 + np.exp(-(h @ layer["attn_gate"])))
-        x = x + attended @ layer["out"]
-        h = rms_norm(x, layer["post_norm"], eps)
-        if i < cfg["first_k_dense_replace"]:
-            x = x + swiglu(h, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
-        else:
-            x = x + moe(h.reshape(batch * seq, -1), layer, cfg).reshape(x.shape)
-    return rms_norm(x, weights["final_norm"], eps) @ weights["lm_head"]
+    eps = cfg["rms_norm_eps"]
+    positions = segment_positions(segment_ids, batch, seq)
+    hidden = model_hidden(tokens, weights, cfg, segment_ids)
+    logits = []
+    for depth, block in enumerate(weights["mtp"], start=1):
+        ahead = np.zeros_like(tokens)
+        ahead[:, : seq - depth] = tokens[:, depth:]
+        joined = np.concatenate(
+            [rms_norm(weights["embed"][ahead], block["embed_norm"], eps), rms_norm(hidden, block["hidden_norm"], eps)],
+            axis=-1,
+        )
+        hidden = decoder_layer(joined @ block["projection"], block["layer"], cfg, positions, segment_ids, index=0,
+                               softmax=True, dense=False)  # fmt: skip
+        logits.append(rms_norm(hidden, block["final_norm"], eps) @ weights["lm_head"])
+    return logits

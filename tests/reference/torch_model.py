@@ -1,9 +1,10 @@
 """Independent PyTorch (fp32) reference of the HF Ring-linear modeling semantics, written from
-docs/ring_linear_spec.md §1–§5 for parity tests only (not from the JAX code).
+docs/architecture.md for parity tests only (not from the JAX code).
 
-Module and parameter names reproduce the HF checkpoint names of spec §5, so `load_state_dict(strict=True)`
-checks a state dict for missing / unexpected tensors. Everything runs in fp32 on CPU; the lightning recurrence
-is a plain token loop with an fp32 state, which is the definition the chunked kernels must match.
+Module and parameter names reproduce the HF checkpoint names (docs/architecture.md#checkpoint-format), so
+`load_state_dict(strict=True)` checks a state dict for missing / unexpected tensors. Everything runs in fp32 on CPU;
+the lightning recurrence is a plain token loop with an fp32 state, which is the definition the chunked kernels must
+match.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
-    """Base per-head decay slopes (spec §2.6): geometric for powers of two, interleaved otherwise."""
+    """Base per-head decay slopes (docs/architecture.md#decay): geometric for powers of two, interleaved otherwise."""
 
     def power_of_two_slopes(n: int) -> list[float]:
         ratio = 2.0 ** (-8.0 / n)
@@ -33,7 +34,8 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 
 def is_softmax_layer(layer_idx: int, num_layers: int, group_size: int) -> bool:
-    """Layer schedule of spec §1.3: every group_size-th layer and the tail layers use softmax attention."""
+    """The layer schedule (docs/architecture.md#layer-schedule): every group_size-th layer and the tail layers use
+    softmax attention."""
     return (layer_idx + 1) % group_size == 0 or layer_idx >= (num_layers // group_size) * group_size
 
 
@@ -58,7 +60,7 @@ def group_rms_norm(x: torch.Tensor, weight: torch.Tensor, groups: int, eps: floa
 
 
 class RotaryEmbedding:
-    """Partial NeoX rotary embedding over the first rotary_dim channels of each head (spec §2.4)."""
+    """Partial NeoX rotary embedding over the first rotary_dim channels of each head."""
 
     def __init__(self, head_dim: int, partial_rotary_factor: float, theta: float, rope_scaling: Any):
         if rope_scaling is not None:
@@ -79,7 +81,7 @@ class RotaryEmbedding:
 
 
 class LinearAttention(nn.Module):
-    """Lightning attention layer (spec §2); K and V have as many heads as Q."""
+    """Lightning attention layer; K and V have as many heads as Q."""
 
     def __init__(self, cfg: dict, layer_idx: int, decay_layer_offset: int):
         super().__init__()
@@ -116,7 +118,7 @@ class LinearAttention(nn.Module):
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal GQA softmax attention with QK-norm and partial RoPE, no output gate (spec §3)."""
+    """Causal GQA softmax attention with QK-norm and partial RoPE, no output gate."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -153,7 +155,7 @@ class SwiGLU(nn.Module):
 
 
 class Router(nn.Module):
-    """Sigmoid router; expert_bias only steers selection (spec §4.2)."""
+    """Sigmoid router; expert_bias only steers selection (docs/architecture.md#router-and-moe)."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -203,51 +205,89 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, decay_layer_offset: int):
+    def __init__(self, cfg: dict, layer_idx: int, decay_layer_offset: int, *, softmax: bool, dense: bool):
         super().__init__()
         h, eps = cfg["hidden_size"], cfg["rms_norm_eps"]
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        if is_softmax_layer(layer_idx, cfg["num_hidden_layers"], cfg["layer_group_size"]):
+        if softmax:
             self.attention = SoftmaxAttention(cfg)
         else:
             self.attention = LinearAttention(cfg, layer_idx, decay_layer_offset)
-        if layer_idx < cfg["first_k_dense_replace"]:
-            self.mlp = SwiGLU(h, cfg["intermediate_size"])
-        else:
-            self.mlp = MoE(cfg)
+        self.mlp = SwiGLU(h, cfg["intermediate_size"]) if dense else MoE(cfg)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.input_layernorm(x), rope, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MTPLayer(DecoderLayer):
+    """Multi-token-prediction block: enorm, hnorm, eh_proj, a softmax-attention MoE decoder layer, final_layernorm
+    (docs/architecture.md#multi-token-prediction)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg, layer_idx=-1, decay_layer_offset=0, softmax=True, dense=False)
+        h, eps = cfg["hidden_size"], cfg["rms_norm_eps"]
+        self.enorm = RMSNorm(h, eps)
+        self.hnorm = RMSNorm(h, eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.final_layernorm = RMSNorm(h, eps)
+
+    def predict(
+        self, hidden: torch.Tensor, ahead: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the previous stage's residual stream; ahead: embeddings of the tokens d positions ahead ->
+        (this block's residual stream, the lm_head input)."""
+        x = self(self.eh_proj(torch.cat([self.enorm(ahead), self.hnorm(hidden)], dim=-1)), rope, positions)
+        return x, self.final_layernorm(x)
+
+
 class TorchRingLinear(nn.Module):
-    """`model(tokens [batch, seq] int) -> logits [batch, seq, vocab] fp32`. `decay_layer_offset` is spec δ."""
+    """`model(tokens [batch, seq] int) -> logits [batch, seq, vocab] fp32`. `decay_layer_offset` is δ of the lightning
+    decay. MTP blocks are modules `model.layers.{L + d}` (L = num_hidden_layers), as a Ling-2.5 checkpoint names them;
+    `mtp_logits(tokens)` runs them."""
 
     def __init__(self, cfg: dict, decay_layer_offset: int = 1):
         super().__init__()
-        if cfg.get("num_nextn_predict_layers", 0):
-            raise NotImplementedError("reference model has no MTP layers")
-        h = cfg["hidden_size"]
+        h, num_layers, group = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["layer_group_size"]
+        self.num_layers = num_layers
         self.rope = RotaryEmbedding(
             cfg["head_dim"], cfg["partial_rotary_factor"], cfg["rope_theta"], cfg.get("rope_scaling")
         )
         self.model = nn.Module()
         self.model.word_embeddings = nn.Embedding(cfg["vocab_size"], h)
         self.model.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, decay_layer_offset) for i in range(cfg["num_hidden_layers"])
-        )
+            DecoderLayer(cfg, i, decay_layer_offset, softmax=is_softmax_layer(i, num_layers, group),
+                         dense=i < cfg["first_k_dense_replace"])
+            for i in range(num_layers)
+        )  # fmt: skip
+        self.model.layers.extend(MTPLayer(cfg) for _ in range(cfg.get("num_nextn_predict_layers", 0)))
         self.model.norm = RMSNorm(h, cfg["rms_norm_eps"])
         self.lm_head = nn.Linear(h, cfg["vocab_size"], bias=False)
 
-    @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1])
         x = self.model.word_embeddings(tokens)
-        for layer in self.model.layers:
+        for layer in self.model.layers[: self.num_layers]:
             x = layer(x, self.rope, positions)
-        return self.lm_head(self.model.norm(x)).float()
+        return x
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(self._hidden(tokens))).float()
+
+    @torch.no_grad()
+    def mtp_logits(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Logits [batch, seq, vocab] of MTP block d = 1, 2, …: position t predicts token t + d + 1. Positions
+        t >= seq - d have no token t + d (token 0 stands in), so their logits are meaningless."""
+        positions = torch.arange(tokens.shape[1])
+        hidden, logits = self._hidden(tokens), []
+        for depth, block in enumerate(self.model.layers[self.num_layers :], start=1):
+            ahead = torch.zeros_like(tokens)
+            ahead[:, :-depth] = tokens[:, depth:]
+            hidden, normed = block.predict(hidden, self.model.word_embeddings(ahead), self.rope, positions)
+            logits.append(self.lm_head(normed).float())
+        return logits
 
     @classmethod
     def from_state_dict(

@@ -1,17 +1,11 @@
-"""Helpers for the lightning tests: random inputs and a float64 NumPy recurrence written from the spec."""
+"""Helpers for the lightning tests: random inputs and the float64 NumPy recurrence of
+docs/architecture.md#lightning-attention."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def relative_error(actual, expected) -> float:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert np.all(np.isfinite(actual)), "non-finite values in result"
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def random_inputs(
@@ -32,14 +26,10 @@ def random_inputs(
     row index so rows differ).
     """
     keys = jax.random.split(jax.random.key(seed), 4)
-    q, k, v = (
-        jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.float32).astype(dtype) for kk in keys[:3]
-    )
+    q, k, v = (jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.float32).astype(dtype) for kk in keys[:3])
     decay_rate = jnp.asarray(rates, jnp.float32)
     assert decay_rate.shape == (heads,)
-    state = (
-        jax.random.normal(keys[3], (batch, heads, head_dim, head_dim), jnp.float32) if with_state else None
-    )
+    state = jax.random.normal(keys[3], (batch, heads, head_dim, head_dim), jnp.float32) if with_state else None
     segment_ids = None
     if segment_starts is not None:
         ids = np.zeros((batch, seq), np.int32)
@@ -52,7 +42,7 @@ def random_inputs(
 
 
 def numpy_recurrence(q, k, v, decay_rate, scale, initial_state=None, segment_ids=None):
-    """Spec §2.7 in float64: S_t = λ S_{t-1} + k_tᵀ v_t (S reset at document starts), o_t = scale q_t S_t."""
+    """In float64: S_t = λ S_{t-1} + k_tᵀ v_t (S reset at document starts), o_t = scale q_t S_t."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, seq, heads, head_dim = q.shape
     lam = np.exp(-np.asarray(decay_rate, np.float64))
@@ -60,11 +50,7 @@ def numpy_recurrence(q, k, v, decay_rate, scale, initial_state=None, segment_ids
     final = np.zeros((batch, heads, head_dim, head_dim))
     for b in range(batch):
         for h in range(heads):
-            s = (
-                np.zeros((head_dim, head_dim))
-                if initial_state is None
-                else np.asarray(initial_state[b, h], np.float64)
-            )
+            s = np.zeros((head_dim, head_dim)) if initial_state is None else np.asarray(initial_state[b, h], np.float64)
             for t in range(seq):
                 if segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]:
                     s = np.zeros_like(s)

@@ -4,9 +4,10 @@ CPU CI runs the Triton-lowered GPU kernels with `interpret=True` and the Mosaic 
 `pltpu.InterpretParams()`, on tiny shapes; the `gpu`-marked test runs the compiled kernels on a real GPU.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels.lightning import (
@@ -14,8 +15,10 @@ from pallas_kernels.lightning import (
     lightning_attention_decode,
     lightning_attention_reference,
     lightning_decode_reference,
+    tuning,
 )
-from pallas_kernels.lightning.tests.lightning_testing import random_inputs, relative_error
+from pallas_kernels.lightning.tests.lightning_testing import random_inputs
+from pallas_kernels.testing import relative_error
 
 SLOW, FAST = 1e-3, 2.0
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -36,9 +39,9 @@ def _value_and_grads(fn, q, k, v, decay, state, seg, seed, **kwargs):
     return outs, grads
 
 
-def _check_against_reference(implementation, dtype, seq, starts, rates, with_state, seed, **kwargs):
+def _check_against_reference(implementation, dtype, seq, starts, rates, with_state, seed, head_dim=16, **kwargs):
     q, k, v, decay, state, seg = random_inputs(
-        seed, 2, seq, len(rates), 16, rates=rates, dtype=dtype, with_state=with_state, segment_starts=starts
+        seed, 2, seq, len(rates), head_dim, rates=rates, dtype=dtype, with_state=with_state, segment_starts=starts
     )
     (out, fin), grads = _value_and_grads(
         lightning_attention, q, k, v, decay, state, seg, seed, implementation=implementation, **kwargs
@@ -49,29 +52,31 @@ def _check_against_reference(implementation, dtype, seq, starts, rates, with_sta
     )
     assert out.shape == q.shape and out.dtype == dtype and fin.dtype == jnp.float32
     tol = TOLERANCE[dtype]
-    assert relative_error(out, out_r) <= tol
-    assert relative_error(fin, fin_r) <= tol
-    for name, g, g_r in zip(["q", "k", "v", "initial_state"], grads, grads_r, strict=True):
-        assert g.shape == g_r.shape, name
-        assert relative_error(g, g_r) <= tol, name
+    names = ["out", "final_state", "dq", "dk", "dv", "d initial_state"]
+    for name, got, want in zip(names, (out, fin, *grads), (out_r, fin_r, *grads_r), strict=True):
+        assert got.shape == want.shape, name
+        err = relative_error(got, want)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol} (seed {seed}, {kwargs})"
 
 
-# (dtype, seq, segment starts, per-head rates, carried state, kernel tuning). Chunk 8 / 16-wide blocks keep the
-# interpreted grids tiny; seq 45 is not a multiple of the chunk; starts at 16 / 24 fall exactly on chunk (and,
-# with splits=4 over 48 padded tokens, piece) boundaries.
+# (dtype, seq, segment starts, per-head rates, carried state, kernel tuning). Chunk 8 and 8-wide blocks keep the
+# interpreted grids tiny. seq 45 = 5 full chunks + a tail of 5 tokens (masked loads / stores); with splits 3 the
+# pieces are 16 tokens: [0, 16), [16, 32), [32, 45), so starts at 16 / 32 fall exactly on piece (and chunk)
+# boundaries, 12 / 30 inside pieces, and the last piece holds a full chunk and the tail. splits 4 over 37 tokens
+# gives 3 pieces (the chunks do not go round). bwd_chunk 16 runs the backward on other chunks than the forward.
 TRITON_CASES = [
     (jnp.float32, 45, None, [SLOW, FAST], True, dict(splits=1)),
     (jnp.float32, 45, (16, 21, 40), [SLOW, FAST], True, dict(splits=1)),
-    (jnp.float32, 45, (5, 24), [FAST, 0.3], False, dict(splits=1)),
-    (jnp.float32, 45, (12, 24, 30), [SLOW, FAST], True, dict(splits=4, chunk=4)),
-    (jnp.float32, 37, None, [SLOW, SLOW], True, dict(splits=2)),
-    (jnp.bfloat16, 45, (16, 21), [SLOW, FAST], True, dict(splits=1)),
+    (jnp.float32, 45, (5, 24), [FAST, 0.3], False, dict(splits=2)),
+    (jnp.float32, 45, (12, 16, 30, 32), [SLOW, 0.3], True, dict(splits=3, bwd_chunk=16)),
+    (jnp.float32, 37, None, [SLOW, SLOW], True, dict(splits=4)),
+    (jnp.bfloat16, 45, (16, 21), [SLOW, FAST], True, dict(splits=2)),
 ]
 
 
 @pytest.mark.parametrize("dtype,seq,starts,rates,with_state,tuning", TRITON_CASES)
 def test_triton_kernel_interpret_matches_reference(dtype, seq, starts, rates, with_state, tuning):
-    tuning = dict(dict(chunk=8, block_v=8, block_k=8), **tuning)
+    tuning = dict(dict(chunk=8, bwd_chunk=8, block_v=8, block_k=8, num_warps=4, num_stages=2), **tuning)
     _check_against_reference("pallas_triton_interpret", dtype, seq, starts, rates, with_state, seed=seq, **tuning)
 
 
@@ -98,22 +103,49 @@ def test_triton_decode_interpret_matches_reference():
 
 def test_kernels_reject_bad_inputs():
     q, k, v, decay, state, _ = random_inputs(2, 1, 8, 2, 16, rates=[0.1, 0.2])
+    run = functools.partial(lightning_attention, implementation="pallas_triton_interpret")
     with pytest.raises(ValueError, match="decay_rate"):
-        lightning_attention(q, k, v, decay[:1], implementation="pallas_triton_interpret")
+        run(q, k, v, decay[:1])
+    with pytest.raises(ValueError, match=r"kernel options \['blockv'\]: unknown"):
+        run(q, k, v, decay, blockv=8)
+    with pytest.raises(ValueError, match="block_v=24: expected a power of two"):
+        run(q, k, v, decay, block_v=24)
+    with pytest.raises(ValueError, match="splits=0"):
+        run(q, k, v, decay, splits=0)
+    with pytest.raises(ValueError, match="head_dim 24"):
+        run(*(jnp.zeros((1, 8, 2, 24)),) * 3, decay)
     with pytest.raises(ValueError, match="state: expected float32"):
         lightning_attention_decode(
             q[:, 0], k[:, 0], v[:, 0], decay, state.astype(jnp.bfloat16), implementation="pallas_triton_interpret"
         )
 
 
+# Every forward kernel configuration the tuning may pick, single pass and split, in bf16; fp32 (exact matmuls:
+# FMA loops that take minutes of ptxas for wide blocks) only in the configuration fp32 inputs get.
+FIRST = tuning.FORWARD_CONFIGS[0]
+GPU_CASES = [
+    (jnp.bfloat16, dict(chunk=c.chunk, block_v=c.block_v, num_warps=c.num_warps, num_stages=c.num_stages, splits=s))
+    for c in tuning.FORWARD_CONFIGS
+    for s in (1, 3)
+] + [(jnp.float32, dict(chunk=FIRST.chunk, block_v=FIRST.block_v, splits=s)) for s in (1, 3)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (compiled Triton kernels)")
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_triton_kernel_on_gpu_matches_reference(dtype):
-    _check_against_reference("pallas_triton", dtype, 1000, (128, 300, 301, 777), [SLOW, 0.05, 0.5, FAST], True,
-                             seed=11)
+@pytest.mark.parametrize("dtype,config", GPU_CASES, ids=str)
+def test_triton_kernel_on_gpu_matches_reference(dtype, config):
+    # 1000 tokens: not a multiple of 64 or 128; documents start on and off chunk / piece boundaries.
+    starts, rates = (128, 300, 301, 384, 777), [SLOW, 0.05, 0.5, FAST]
+    _check_against_reference("pallas_triton", dtype, 1000, starts, rates, True, seed=11, head_dim=128, **config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("config", tuning.DECODE_CONFIGS, ids=str)
+def test_triton_decode_on_gpu_matches_reference(config):
     q, k, v, decay, state, _ = random_inputs(7, 64, 1, 4, 128, rates=[SLOW, 0.05, 0.5, FAST])
     out_r, state_r = lightning_decode_reference(q[:, 0], k[:, 0], v[:, 0], decay, state)
-    out, new_state = lightning_attention_decode(q[:, 0], k[:, 0], v[:, 0], decay, state + 0.0)
+    out, new_state = lightning_attention_decode(
+        q[:, 0], k[:, 0], v[:, 0], decay, state + 0.0, block_v=config.block_v, num_warps=config.num_warps
+    )
     assert relative_error(out, out_r) <= 1e-5 and relative_error(new_state, state_r) <= 1e-5
-    np.testing.assert_array_equal(np.isfinite(np.asarray(new_state)), True)

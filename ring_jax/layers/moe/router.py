@@ -1,5 +1,6 @@
-"""The Ring-linear router (spec §4.2): fp32 logits, sigmoid scores, expert bias for selection only,
-group-limited top-k, weights from the unbiased scores normalised and scaled by `routed_scaling_factor`."""
+"""The Ring-linear router (docs/architecture.md#router-and-moe): fp32 logits, sigmoid scores, expert bias for
+selection only, group-limited top-k, weights from the unbiased scores normalised and scaled by
+`routed_scaling_factor`."""
 
 from __future__ import annotations
 
