@@ -8,18 +8,51 @@ Resumes from the latest checkpoint in --workdir. Writes config.json, metrics.jso
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ring_jax.config import ConfigError
-from ring_jax.data.sources import DataError
+from ring_jax.errors import RingJaxError
 from ring_jax.train import distributed
 from ring_jax.train.loop import NonFiniteError, train
 from ring_jax.train.xla_flags import set_default_xla_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.", lock_config=True)
+CONFIG_LOOKUP_ERRORS = (AttributeError, KeyError, TypeError, ValueError)  # what ml_collections raises for overrides
+
+
+def _exit(message: str, code: int = 2) -> None:
+    print(f"train: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _bad_override(error: Exception) -> None:
+    """One line for an unknown `--config.a.b` field: the flag and ml_collections' 'Did you mean' hint."""
+    message = error
+    while isinstance(message, BaseException) and message.args:  # ml_collections nests the KeyError
+        message = message.args[0]
+    name, _, hint = str(message).partition("\n")
+    name = name.strip("'\"")
+    flag = next((arg for arg in sys.argv[1:] if arg.startswith("--config.") and name in arg.split("=")[0].split(".")),
+                "a --config.* override")
+    _exit(f"{flag}: no config field {name!r}" + (f" ({hint})" if hint else ""))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit(f"{e}")
+    except CONFIG_LOOKUP_ERRORS as e:
+        _bad_override(e)
+
+
+try:  # ml_collections applies --config.* overrides of the default config file while defining the flag
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.",
+                                              lock_config=True)
+except CONFIG_LOOKUP_ERRORS as _error:
+    _bad_override(_error)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics and the config.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                  "Join a multi-process job (jax.distributed.initialize): auto = when the flags "
@@ -29,20 +62,32 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
+def _load_config():
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(path.split(":", 1)[0]):
+        _exit(f"--config: no config file {path!r} (cwd {os.getcwd()})")
+    try:
+        config = _CONFIG.value
+        config.get("train")  # a config file that failed to load raises on first access
+    except OSError as e:
+        cause = e.__cause__ or e
+        _exit(f"--config: cannot load {path!r}: {type(cause).__name__}: {' '.join(str(cause).split())}")
+    return config
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    config = _load_config()
     set_default_xla_flags()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(config, _WORKDIR.value)
     except NonFiniteError as e:
-        print(f"train: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
-    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f"train: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(str(e), code=3)
+    except RingJaxError as e:  # bad input or a locked workdir: one line, no traceback
+        _exit(str(e))
     losses = result.losses
     if losses:
         first, last = min(losses), max(losses)
@@ -51,4 +96,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -207,6 +207,11 @@ class ModelConfig:
         def fail(field: str, message: str) -> None:
             raise ConfigError(f"model.{field}: {message}")
 
+        for name in model_fields():  # NaN/Inf pass every comparison below: refuse them first
+            value = getattr(self, name)
+            numbers = dict(value).values() if name == "rope_scaling" and value is not None else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                fail(name, f"must be a finite number, got {value!r}")
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
@@ -277,10 +282,6 @@ class ModelConfig:
                 fail(name, f"must be one of {allowed}, got {value!r}")
         if not math.isfinite(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
             fail("routed_scaling_factor", "must be a positive finite number")
-        for name in ("rope_theta", "rms_norm_eps", "partial_rotary_factor", "decay_layer_offset",
-                     "mtp_loss_scaling_factor"):  # fmt: skip
-            if not math.isfinite(getattr(self, name)):
-                fail(name, f"must be a finite number, got {getattr(self, name)!r}")
 
 
 def model_fields() -> dict[str, dataclasses.Field]:

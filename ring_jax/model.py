@@ -25,6 +25,7 @@ from ring_jax.layers.norms import RMSNorm
 from ring_jax.layers.rope import rope_tables
 from ring_jax.remat import POLICIES as REMAT
 from ring_jax.sharding import constrain
+from ring_jax.token_checks import check_tokens
 
 LayerCache = jax.Array | KVCache | None  # lightning state [batch, heads, head_dim, head_dim] fp32, or a KV cache
 
@@ -307,6 +308,7 @@ class RingLinearModel(nnx.Module):
         the lm_head (training takes hidden states into a fused lm_head + loss); output_layer_states=True returns
         the residual stream after every layer (`layer_states`, for layer-by-layer comparisons)."""
         config = self.config
+        check_tokens(tokens, config, 0 if cache is None else cache.length)
         batch, seq = tokens.shape
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed training sequences) cannot be combined with a cache")

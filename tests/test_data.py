@@ -180,3 +180,24 @@ def test_clear_errors_for_missing_paths_and_bad_records(tmp_path):
     (tmp_path / "e.csv").write_text("a,b")
     with pytest.raises(DataError, match="data.format: cannot infer"):
         make_dataset(data_config(source=str(tmp_path / "e.csv")), seq_len=SEQ, global_batch_size=2, vocab_size=259)
+
+
+@pytest.mark.parametrize("name, content, overrides, message", [
+    ("empty.txt", b"", {}, r"data.source: .*empty.txt is empty"),
+    ("blank.jsonl", b"\n  \n", {}, r"data.source: .*blank.jsonl holds no documents"),
+    ("random.jsonl", bytes(range(256)) * 4, {}, r"data.source: .*random.jsonl line 1 is not valid JSON"),
+    ("latin1.txt", "ok\nsecond line caf\xe9\n".encode("latin-1"), {},
+     r"data.source: .*latin1.txt line 2: not valid UTF-8"),
+    ("text.jsonl", b'{"text": "fine"}\n', {"format": "arrayrecord"},
+     r"data.source: .*text.jsonl is not a readable ArrayRecord file"),
+    ("d.jsonl", b'{"text": "fine"}\n', {"tokenizer": "TOKENIZER"}, r"data.tokenizer: .*garbage.json' is not a valid"),
+])
+def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, name, content, overrides, message):
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / "garbage.json").write_bytes(b"\x00\xff not a tokenizer \xfe")
+    overrides = {key: str(tmp_path / "garbage.json") if value == "TOKENIZER" else value
+                 for key, value in overrides.items()}
+    with pytest.raises(DataError, match=message) as error:
+        take(make_dataset(data_config(source=str(tmp_path / name), **overrides), seq_len=SEQ, global_batch_size=2,
+                          vocab_size=259), 1)
+    assert "\n" not in str(error.value)

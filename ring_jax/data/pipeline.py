@@ -1,4 +1,4 @@
-"""grain input pipeline: source -> process shard -> shuffle -> tokenize -> split -> pack -> batch.
+"""grain input pipeline: source -> process shard -> shuffle -> tokenize into windows -> pack -> batch.
 
 Each batch is a dict of numpy arrays, all [rows, seq_len]:
   inputs      int32  token ids fed to the model
@@ -7,10 +7,16 @@ Each batch is a dict of numpy arrays, all [rows, seq_len]:
   positions   int32  position within its document (restarts at 0 in each segment)
   loss_mask   float32 1 where the target is a real token
 Documents are tokenized as [BOS] + ids + [EOS] (when the tokenizer has them); documents longer than
-seq_len + 1 tokens are cut into windows that become separate segments.
+seq_len + 1 tokens are cut into windows that become separate segments. Memory does not grow with the document:
+a document is read, tokenized and cut into windows a piece at a time (`_DocumentWindows`). Documents without text
+are skipped (a source where every document is empty is an error), and every token id is checked against the model
+vocabulary on the host, naming the document.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grain
 import jax
@@ -18,32 +24,148 @@ import ml_collections
 import numpy as np
 
 from ring_jax.data import sources, synthetic
-from ring_jax.data.sources import DataError
+from ring_jax.data.errors import DataError
+from ring_jax.data.sources import Document
 from ring_jax.data.tokenizers import Tokenizer, make_tokenizer
 
 
-class _Tokenize(grain.transforms.Map):
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
+def _whitespace_cut_pieces(pieces: Iterable[str]) -> Iterator[str]:
+    """Re-cuts text pieces just before their last space or newline, so no word is split between two tokenizer
+    calls (exact for the byte tokenizer, and the same tokens as the whole text for whitespace-split vocabularies);
+    a document that arrives as one piece is passed whole. A piece without whitespace is carried until it reaches
+    2 * PIECE_CHARS, then cut anyway (bounded memory)."""
+    carry = ""
+    remaining = iter(pieces)
+    current = next(remaining, None)
+    while current is not None:
+        following = next(remaining, None)
+        text = carry + current
+        current = following
+        if following is None:
+            if text:
+                yield text
+            return
+        cut = max(text.rfind(" "), text.rfind("\n"))
+        if cut <= 0:
+            if len(text) < 2 * sources.PIECE_CHARS:
+                carry = text
+                continue
+            cut = len(text)
+        yield text[:cut]
+        carry = text[cut:]
 
-    def map(self, text: str) -> np.ndarray:
-        ids = self._tokenizer.encode(text)
-        bos = [] if self._tokenizer.bos_id is None else [self._tokenizer.bos_id]
-        eos = [] if self._tokenizer.eos_id is None else [self._tokenizer.eos_id]
-        return np.concatenate([np.asarray(bos, np.int32), ids.astype(np.int32), np.asarray(eos, np.int32)])
+
+_NO_DOCUMENT: Iterator[dict[str, np.ndarray]] = iter(())  # exhausted: the iterator has not started a document
 
 
-class _SplitIntoWindows(grain.experimental.FlatMapTransform):
-    """[n] document tokens -> windows {'inputs', 'targets'} of at most seq_len next-token pairs."""
+class _DocumentWindows(grain.IterDataset):
+    """Documents (str or `sources.Document`) -> windows {'inputs', 'targets'} of at most seq_len next-token pairs.
 
-    max_fan_out = 2**31 - 1
+    Tokens are produced lazily, a text piece at a time, so a window is emitted as soon as seq_len + 1 tokens are
+    there; the iterator state is (parent state before the current document, windows emitted from it).
+    """
 
-    def __init__(self, seq_len: int):
-        self._seq_len = seq_len
+    def __init__(self, parent: grain.IterDataset, *, tokenizer: Tokenizer, seq_len: int, vocab_size: int,
+                 num_documents: int, source_name: str):
+        super().__init__(parent)
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.num_documents = num_documents
+        self.source_name = source_name
 
-    def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
-        inputs, targets, n = tokens[:-1], tokens[1:], self._seq_len
-        return [{"inputs": inputs[i:i + n], "targets": targets[i:i + n]} for i in range(0, len(inputs), n)]
+    def __iter__(self) -> _DocumentWindowsIterator:
+        return _DocumentWindowsIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"_DocumentWindows(seq_len={self.seq_len})"
+
+
+class _DocumentWindowsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, spec: _DocumentWindows):
+        super().__init__(parent)
+        self._spec = spec
+        self._windows = _NO_DOCUMENT
+        self._document_start_state = self._parent.get_state()
+        self._windows_done = 0
+        self._empty_in_a_row = 0  # documents without a window since the last one that had some
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            window = next(self._windows, None)
+            if window is not None:
+                self._windows_done += 1
+                self._empty_in_a_row = 0
+                return window
+            if self._windows is not _NO_DOCUMENT and self._windows_done == 0:
+                self._count_empty_document()
+            self._document_start_state = self._parent.get_state()
+            self._windows = self._document_windows(next(self._parent))
+            self._windows_done = 0
+
+    def _count_empty_document(self) -> None:
+        # Each epoch is shuffled anew, so a source with some text can still show up to 2 * (n - 1) empty documents
+        # in a row across an epoch boundary; 2 * n in a row means none has any.
+        self._empty_in_a_row += 1
+        if self._empty_in_a_row >= 2 * self._spec.num_documents:
+            raise DataError(f"data.source: none of the {self._spec.num_documents} documents of "
+                            f"{self._spec.source_name!r} has any text")
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._document_start_state, "windows_done": self._windows_done,
+                "empty_in_a_row": self._empty_in_a_row}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._document_start_state = state["parent"]
+        self._empty_in_a_row = state["empty_in_a_row"]
+        self._windows, self._windows_done = _NO_DOCUMENT, 0
+        if state["windows_done"]:
+            self._windows = self._document_windows(next(self._parent))
+            for _ in range(state["windows_done"]):  # re-tokenizes the document up to there, a piece at a time
+                next(self._windows)
+            self._windows_done = state["windows_done"]
+
+    def _document_windows(self, document: str | Document) -> Iterator[dict[str, np.ndarray]]:
+        n = self._spec.seq_len
+        buffer = np.zeros(0, np.int32)
+        for ids in self._document_ids(document):
+            buffer = np.concatenate([buffer, ids])
+            while len(buffer) > n:
+                yield {"inputs": buffer[:n].copy(), "targets": buffer[1:n + 1].copy()}
+                buffer = buffer[n:]
+        if len(buffer) >= 2:
+            yield {"inputs": buffer[:-1].copy(), "targets": buffer[1:].copy()}
+
+    def _document_ids(self, document: str | Document) -> Iterator[np.ndarray]:
+        """[BOS] + token ids + [EOS] in pieces (int32, checked against the vocabulary); nothing for an empty text."""
+        tokenizer = self._spec.tokenizer
+        if isinstance(document, str):
+            where, pieces = f"a document of data.source={self._spec.source_name!r}", iter([document])
+        else:
+            where, pieces = document.where, document.pieces()
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        started = False
+        for text in _whitespace_cut_pieces(pieces):
+            try:
+                ids = tokenizer.encode(text)
+            except UnicodeError as e:
+                raise DataError(f"data.source: {where}: text the tokenizer cannot encode ({e.reason})") from None
+            if not ids.size:
+                continue
+            self._check_ids(ids, where)
+            if not started:
+                ids, started = np.concatenate([np.asarray(bos, np.int32), ids]), True
+            yield ids.astype(np.int32)
+        if started and tokenizer.eos_id is not None:
+            yield np.asarray([tokenizer.eos_id], np.int32)
+
+    def _check_ids(self, ids: np.ndarray, where: str) -> None:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self._spec.vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(f"data: token id {bad} of {where} is outside [0, model.vocab_size="
+                            f"{self._spec.vocab_size}) (data.tokenizer gives ids the model does not have)")
 
 
 class _FromPacked(grain.transforms.Map):
@@ -77,20 +199,6 @@ class _PadOne(grain.transforms.Map):
         }
 
 
-class _CheckVocab(grain.transforms.Map):
-    def __init__(self, vocab_size: int, source: str):
-        self._vocab_size = vocab_size
-        self._source = source
-
-    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for key in ("inputs", "targets"):
-            largest = int(batch[key].max())
-            if largest >= self._vocab_size or int(batch[key].min()) < 0:
-                raise DataError(f"data: token id {largest} in '{key}' from data.source={self._source!r} is "
-                                f"outside [0, model.vocab_size={self._vocab_size})")
-        return batch
-
-
 def make_source(data_config: ml_collections.ConfigDict):
     """The random-access document source named by `data.source`."""
     if data_config.source == "default":
@@ -102,6 +210,10 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, tokenizer_spec: 
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"data.tokenizer: {tokenizer_spec!r} has {tokenizer.vocab_size} tokens but "
                         f"model.vocab_size={vocab_size}; token ids would be out of range")
+    for name, token_id in (("BOS", tokenizer.bos_id), ("EOS", tokenizer.eos_id)):
+        if token_id is not None and not 0 <= token_id < vocab_size:
+            raise DataError(f"data.tokenizer: {tokenizer_spec!r} has {name} id {token_id}, outside "
+                            f"[0, model.vocab_size={vocab_size})")
 
 
 def make_dataset(
@@ -132,10 +244,9 @@ def make_dataset(
     check_tokenizer_fits(tokenizer, vocab_size, data_config.tokenizer)
     source = make_source(data_config)
     per_process = num_shards // process_count
-    shards = [_shard_batches(data_config, source, tokenizer, seq_len, rows, index, num_shards)
+    shards = [_shard_batches(data_config, source, tokenizer, seq_len, rows, vocab_size, index, num_shards)
               for index in range(process_index * per_process, (process_index + 1) * per_process)]  # fmt: skip
     batches = shards[0] if len(shards) == 1 else grain.experimental.ZipIterDataset(shards).map(_ConcatRows())
-    batches = batches.map(_CheckVocab(vocab_size, data_config.source))
     if data_config.worker_count > 0:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
     return batches
@@ -146,14 +257,15 @@ class _ConcatRows(grain.transforms.Map):
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def _shard_batches(data_config, source, tokenizer: Tokenizer, seq_len: int, rows: int, shard: int,
+def _shard_batches(data_config, source, tokenizer: Tokenizer, seq_len: int, rows: int, vocab_size: int, shard: int,
                    num_shards: int) -> grain.IterDataset:  # fmt: skip
     """Batches [rows, seq_len] of the documents of one shard (documents shard, shard + num_shards, ...)."""
     documents = grain.MapDataset.source(source)[shard::num_shards]
     if len(documents) == 0:
         raise DataError(f"data.source: data shard {shard} of {num_shards} gets no documents ({len(source)} in total)")
-    tokens = documents.shuffle(seed=data_config.shuffle_seed).repeat().map(_Tokenize(tokenizer))
-    windows = grain.experimental.FlatMapIterDataset(tokens.to_iter_dataset(), _SplitIntoWindows(seq_len))
+    shuffled = documents.shuffle(seed=data_config.shuffle_seed).repeat().to_iter_dataset()
+    windows = _DocumentWindows(shuffled, tokenizer=tokenizer, seq_len=seq_len, vocab_size=vocab_size,
+                               num_documents=len(documents), source_name=data_config.source)
     if data_config.packing:
         rows_ds = grain.experimental.FirstFitPackIterDataset(
             windows, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=rows,

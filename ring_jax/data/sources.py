@@ -1,27 +1,45 @@
 """Random-access document sources for local files: .txt, .jsonl and ArrayRecord.
 
-Each source yields documents as `str`. `.txt`: one document per file. `.jsonl`: one JSON object per line,
-text in `text_field` (lines are indexed by byte offset, so files are not loaded into memory).
-ArrayRecord: each record is a UTF-8 JSON object with `text_field`, or plain UTF-8 text.
+A source's items are documents: small handles whose `pieces()` read, decode and yield the text in pieces of at
+most `PIECE_CHARS` characters, so a document of any length is never held in memory whole. `.txt`: one document
+per file. `.jsonl`: one JSON object per non-blank line, text in `text_field` (lines are indexed by byte offset;
+lines longer than `WHOLE_LINE_BYTES` are parsed as a stream). ArrayRecord: each record is a UTF-8 JSON object with
+`text_field` (a record starting with '{') or plain UTF-8 text; a record itself is read whole, as ArrayRecord does.
+Invalid UTF-8 or JSON, empty files and unreadable files raise DataError naming the file (and line or record).
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import grain
+import numpy as np
 
-from ring_jax.errors import RingJaxError
+from ring_jax.data.errors import DataError
+from ring_jax.data.json_stream import string_field_pieces
+
+PIECE_CHARS = 1 << 16  # a document is decoded and tokenized in pieces of at most this many characters
+WHOLE_LINE_BYTES = 1 << 20  # jsonl lines up to this size go through json.loads; longer ones are streamed
+_READ_BYTES = 1 << 16
+_INDEX_READ_BYTES = 1 << 20
+_WHITESPACE_BYTES = np.zeros(256, bool)
+_WHITESPACE_BYTES[list(b" \t\n\r\x0b\x0c")] = True
 
 _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".arrayrecord": "arrayrecord",
                    ".array_record": "arrayrecord"}
 
 
-class DataError(RingJaxError):
-    """Bad or missing training data; the message names the config field or file."""
+class Document(Protocol):
+    """A document of a file source: `where` names it in errors; `pieces()` yields its text, a piece at a time."""
+
+    where: str
+
+    def pieces(self) -> Iterator[str]: ...
 
 
 def resolve_paths(source: str) -> list[str]:
@@ -48,18 +66,39 @@ def infer_format(path: str, configured: str) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
-class TextFilesSource:
-    """One document per .txt file."""
+def _file_chunks(path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Bytes [start, end) of `path` in chunks of _READ_BYTES."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        remaining = float("inf") if end is None else end - start
+        while remaining > 0 and (chunk := f.read(int(min(_READ_BYTES, remaining)))):
+            remaining -= len(chunk)
+            yield chunk
 
-    def __init__(self, paths: Sequence[str]):
-        self._paths = list(paths)
 
-    def __len__(self) -> int:
-        return len(self._paths)
+def _memory_chunks(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), _READ_BYTES):
+        yield bytes(view[start:start + _READ_BYTES])
 
-    def __getitem__(self, index: int) -> str:
-        with open(self._paths[index], encoding="utf-8", errors="replace") as f:
-            return f.read()
+
+def _utf8_pieces(chunks: Iterator[bytes], where: Callable[[int], str]) -> Iterator[str]:
+    """Strict UTF-8 decoding chunk by chunk; `where(line)` names the place of an invalid byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    line = 1
+    for chunk in chunks:
+        try:
+            text = decoder.decode(chunk)
+        except UnicodeDecodeError as e:
+            bad_line = line + chunk.count(b"\n", 0, max(e.start, 0))
+            raise DataError(f"data.source: {where(bad_line)}: not valid UTF-8 ({e.reason})") from None
+        line += chunk.count(b"\n")
+        if text:
+            yield text
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.source: {where(line)}: ends inside a UTF-8 character ({e.reason})") from None
 
 
 def _text_of(record: object, field: str, where: str) -> str:
@@ -71,54 +110,158 @@ def _text_of(record: object, field: str, where: str) -> str:
     return text
 
 
+def _slices(text: str) -> Iterator[str]:
+    for start in range(0, len(text), PIECE_CHARS):
+        yield text[start:start + PIECE_CHARS]
+
+
+def _json_pieces(read_whole: Callable[[], bytes], chunks: Callable[[], Iterator[bytes]], size: int, field: str,
+                 where: str) -> Iterator[str]:
+    """Text of `field` in a JSON object of `size` bytes: json.loads when small, the streaming scanner otherwise."""
+    if size > WHOLE_LINE_BYTES:
+        yield from string_field_pieces(chunks(), field, where)
+        return
+    try:
+        record = json.loads(read_whole())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"data.source: {where} is not valid JSON ({e})") from None
+    yield from _slices(_text_of(record, field, where))
+
+
+class TextFileDocument:
+    def __init__(self, path: str):
+        self.path = path
+        self.where = path
+
+    def pieces(self) -> Iterator[str]:
+        return _utf8_pieces(_file_chunks(self.path), lambda line: f"{self.path} line {line}")
+
+
+class TextFilesSource:
+    """One document per .txt file; an empty file is an error (it would train on BOS/EOS alone)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self._paths = list(paths)
+        for path in self._paths:
+            if os.path.getsize(path) == 0:
+                raise DataError(f"data.source: {path} is empty")
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> TextFileDocument:
+        return TextFileDocument(self._paths[index])
+
+
+class JsonlLineDocument:
+    def __init__(self, path: str, start: int, end: int, line: int, field: str):
+        self._path, self._start, self._end, self._field = path, start, end, field
+        self.where = f"{path} line {line}"
+
+    def _read_whole(self) -> bytes:
+        with open(self._path, "rb") as f:
+            f.seek(self._start)
+            return f.read(self._end - self._start)
+
+    def pieces(self) -> Iterator[str]:
+        return _json_pieces(self._read_whole, lambda: _file_chunks(self._path, self._start, self._end),
+                            self._end - self._start, self._field, self.where)
+
+
+def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, 1-based line number) int64 arrays of the non-blank lines of `path`, read in large blocks."""
+    starts, ends, numbers = [], [], []
+    line_start, line_has_text, line_number, base = 0, False, 1, 0
+    with open(path, "rb") as f:
+        while block := f.read(_INDEX_READ_BYTES):
+            data = np.frombuffer(block, np.uint8)
+            newlines = np.flatnonzero(data == ord("\n"))
+            text_before = np.concatenate([[0], np.cumsum(~_WHITESPACE_BYTES[data], dtype=np.int32)])
+            segment_starts = np.concatenate([[0], newlines + 1])
+            segment_ends = np.concatenate([newlines, [len(data)]])
+            has_text = text_before[segment_ends] > text_before[segment_starts]
+            if len(newlines):
+                complete_has_text = has_text[:-1].copy()
+                complete_has_text[0] |= line_has_text
+                complete_starts = base + segment_starts[:-1]
+                complete_starts[0] = line_start
+                keep = np.flatnonzero(complete_has_text)
+                starts.append(complete_starts[keep])
+                ends.append(base + newlines[keep])
+                numbers.append(line_number + keep)
+                line_start, line_has_text = base + int(segment_starts[-1]), bool(has_text[-1])
+                line_number += len(newlines)
+            else:
+                line_has_text |= bool(has_text[-1])
+            base += len(block)
+    if line_has_text:
+        starts.append(np.array([line_start]))
+        ends.append(np.array([base]))
+        numbers.append(np.array([line_number]))
+    as_int64 = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return as_int64(starts), as_int64(ends), as_int64(numbers)
+
+
 class JsonlSource:
-    """One document per non-empty line of a .jsonl file (random access by byte offset)."""
+    """One document per non-blank line of a .jsonl file (random access by byte offset)."""
 
     def __init__(self, path: str, text_field: str):
         self._path = path
         self._text_field = text_field
-        self._offsets: list[int] = []
-        with open(path, "rb") as f:
-            offset = 0
-            for line in f:
-                if line.strip():
-                    self._offsets.append(offset)
-                offset += len(line)
+        self._starts, self._ends, self._lines = _index_lines(path)
+        if len(self._starts) == 0:
+            raise DataError(f"data.source: {path} holds no documents (it is empty or blank)")
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self._starts)
 
-    def __getitem__(self, index: int) -> str:
-        with open(self._path, "rb") as f:
-            f.seek(self._offsets[index])
-            line = f.readline()
-        where = f"{self._path} line at byte {self._offsets[index]}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"data.source: {where} is not valid JSON: {e}") from e
-        return _text_of(record, self._text_field, where)
+    def __getitem__(self, index: int) -> JsonlLineDocument:
+        return JsonlLineDocument(self._path, int(self._starts[index]), int(self._ends[index]),
+                                 int(self._lines[index]), self._text_field)
+
+
+class RecordDocument:
+    """One ArrayRecord record (bytes in memory): a JSON object when it starts with '{', else plain UTF-8 text."""
+
+    def __init__(self, data: bytes, where: str, field: str):
+        self._data, self._field = data, field
+        self.where = where
+
+    def pieces(self) -> Iterator[str]:
+        if self._data.lstrip()[:1] == b"{":
+            return _json_pieces(lambda: self._data, lambda: _memory_chunks(self._data), len(self._data),
+                                self._field, self.where)
+        return _utf8_pieces(_memory_chunks(self._data), lambda line: f"{self.where} line {line}")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 class ArrayRecordSource:
-    """ArrayRecord files whose records are UTF-8 JSON objects (text in `text_field`) or plain UTF-8 text."""
+    """The records of one ArrayRecord file."""
 
-    def __init__(self, paths: Sequence[str], text_field: str):
-        self._source = grain.sources.ArrayRecordDataSource(list(paths))
+    def __init__(self, path: str, text_field: str):
+        self._path = path
         self._text_field = text_field
+        try:  # the reader is native code: any failure here means the file is not a readable ArrayRecord file
+            self._source = grain.sources.ArrayRecordDataSource([path])
+            self._length = len(self._source)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"data.source: {path} is not a readable ArrayRecord file ({_one_line(e)})") from None
+        if self._length == 0:
+            raise DataError(f"data.source: {path} holds no records")
 
     def __len__(self) -> int:
-        return len(self._source)
+        return self._length
 
-    def __getitem__(self, index: int) -> str:
-        data = self._source[index].decode("utf-8", errors="replace")
-        if data.lstrip().startswith("{"):
-            try:
-                record = json.loads(data)
-            except json.JSONDecodeError:
-                return data
-            return _text_of(record, self._text_field, f"ArrayRecord record {index}")
-        return data
+    def __getitem__(self, index: int) -> RecordDocument:
+        where = f"{self._path} record {index}"
+        try:
+            data = self._source[index]
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"data.source: {where} cannot be read ({_one_line(e)})") from None
+        return RecordDocument(data, where, self._text_field)
 
 
 class ConcatSource:
@@ -136,7 +279,7 @@ class ConcatSource:
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> Document:
         for source, start in zip(reversed(self._sources), reversed(self._starts), strict=True):
             if index >= start:
                 return source[index - start]
@@ -155,8 +298,5 @@ def make_file_source(source: str, data_format: str, text_field: str):
         elif fmt == "jsonl":
             sources.extend(JsonlSource(path, text_field) for path in paths)
         else:
-            sources.append(ArrayRecordSource(paths, text_field))
-    combined = sources[0] if len(sources) == 1 else ConcatSource(sources)
-    if len(combined) == 0:
-        raise DataError(f"data.source: {source!r} holds no documents")
-    return combined
+            sources.extend(ArrayRecordSource(path, text_field) for path in paths)
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)

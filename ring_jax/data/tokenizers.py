@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ring_jax.data.errors import DataError
+
 # Special tokens recognised in HF vocabularies, most common spelling first.
 _HF_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 _HF_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
@@ -47,8 +49,12 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {path!r}")
-        self._tokenizer = _Tokenizer.from_file(path)
+            raise DataError(f"data.tokenizer: no tokenizer.json at {path!r}")
+        try:  # the parser is native code and reports bad files with bare Exceptions
+            self._tokenizer = _Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"data.tokenizer: {path!r} is not a valid tokenizer.json "
+                            f"({' '.join(str(e).split())[:200]})") from None
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self.bos_id = next((vocab[name] for name in _HF_BOS_NAMES if name in vocab), None)

@@ -7,6 +7,7 @@ raises `ConfigError` naming the offending field before anything compiles.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -44,7 +45,7 @@ def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     optim.eps = 1e-8
     optim.weight_decay = 0.1  # decoupled AdamW decay; never on norm scales (expert bias is no Param)
     optim.schedule = "cosine"  # 'cosine' (warmup + cosine) or 'wsd' (warmup-stable-decay)
-    optim.warmup_steps = 100
+    optim.warmup_steps = 100  # a run of at most this many steps warms up for steps // 10 instead
     optim.decay_fraction = 0.2  # 'wsd': fraction of steps spent in the final linear decay
     optim.min_lr_ratio = 0.1  # final lr = min_lr_ratio * learning_rate
     optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
@@ -112,10 +113,21 @@ def _check_positive_int(section: ml_collections.ConfigDict, name: str, prefix: s
              f"{prefix}.{name}", f"must be an integer >= {low}", value)
 
 
+def _check_finite(section: ml_collections.ConfigDict, prefix: str) -> None:
+    """NaN/Inf in any float field (inf passes `> 0` checks and would only fail steps later, in the optimizer)."""
+    for name, value in section.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite(value, f"{prefix}.{name}")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), f"{prefix}.{name}", "must be a finite number", value)
+
+
 def validate_training(config: ml_collections.ConfigDict) -> None:
     """Checks the training sections of `config`; raises ConfigError naming the first bad field."""
     for section in training_defaults():
         _require(section in config, section, "missing config section", None)
+    for section in training_defaults():
+        _check_finite(config[section], section)
     train, optim, data, ckpt, mesh = config.train, config.optim, config.data, config.checkpoint, config.mesh
 
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "max_skipped_steps"):
@@ -135,9 +147,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _require(optim.eps > 0, "optim.eps", "must be > 0", optim.eps)
     _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", optim.weight_decay)
     _require(optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}", optim.schedule)
-    _check_positive_int(optim, "warmup_steps", "optim", allow_zero=True)
-    _require(optim.warmup_steps < train.steps or train.steps == 1, "optim.warmup_steps",
-             f"must be smaller than train.steps={train.steps}", optim.warmup_steps)
+    _check_positive_int(optim, "warmup_steps", "optim", allow_zero=True)  # clamped for runs shorter than it
     _require(0 < optim.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]", optim.decay_fraction)
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", optim.min_lr_ratio)
     _require(optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)", optim.clip_norm)

@@ -1,16 +1,19 @@
-"""The training loop: validate -> data -> mesh/state -> restore -> jitted steps -> metrics/checkpoints.
+"""The training loop: validate -> lock the workdir -> compare the saved config -> data -> mesh/state -> restore
+-> jitted steps -> metrics/checkpoints.
 
-Everything that can be wrong with the config or the data raises before the first compilation. SIGTERM makes the
-loop save a checkpoint at the next step boundary and return cleanly.
+Everything that can be wrong with the config or the data raises before the first compilation and before anything
+in the workdir is written. SIGTERM makes the loop save a checkpoint at the next step boundary and return cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -18,14 +21,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ring_jax.config import ModelConfig
 from ring_jax.data.pipeline import make_dataset
 from ring_jax.sharding import make_mesh
-from ring_jax.train.checkpoint import Checkpointer
+from ring_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, has_checkpoints
 from ring_jax.train.metrics import MetricsWriter, ProgressBar
-from ring_jax.train.optim import make_optimizer
+from ring_jax.train.optim import effective_warmup_steps, make_optimizer
+from ring_jax.train.run_config import check_resume_config, save_config
 from ring_jax.train.state import StateFactory, validate
 from ring_jax.train.step import make_train_step
 from ring_jax.train.tuning import KERNEL_TUNING_FILE, tune_kernels
+from ring_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +80,31 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if jax.process_index() != 0:
+@contextlib.contextmanager
+def _exclusive_workdir(workdir: str) -> Iterator[None]:
+    """Holds the workdir lock (process 0 takes it; every process fails alike if it cannot)."""
+    lock = WorkdirLock(workdir)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            error = e
+    if _any_process(error is not None):
+        raise error or WorkdirLockedError(f"workdir {workdir} is in use by another training run (see process 0)")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, checkpoint_dir: str) -> None:
+    """Architecture changes against a run that has checkpoints fail here; runtime changes are listed."""
+    if not has_checkpoints(checkpoint_dir):
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    changes = check_resume_config(config, workdir)
+    if changes and jax.process_index() == 0:
+        print(f"train: resuming with changed runtime settings: {'; '.join(changes)}", flush=True)
 
 
 def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -100,32 +125,46 @@ def _any_process(flag: bool) -> bool:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> TrainResult:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns what happened.
+    """Trains `config` in `workdir` (resuming from its latest checkpoint that restores); returns what happened.
 
     `stop_at_step` (default: `train.stop_at_step`, 0 = none) ends this invocation early (with a checkpoint) without
-    changing the schedule, which always spans `train.steps`; a later call continues from there.
+    changing the schedule, which always spans `train.steps`; a later call continues from there. The workdir is
+    locked for the whole call: a second run on it raises WorkdirLockedError naming the holder.
     """
     model_config = validate(config)
     if stop_at_step is None and config.train.stop_at_step:
         stop_at_step = config.train.stop_at_step
+    with _exclusive_workdir(workdir):
+        return _train_locked(config, model_config, workdir, stop_at_step)
+
+
+def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig, workdir: str,
+                  stop_at_step: int | None) -> TrainResult:
     train_cfg, ckpt_cfg, log_cfg = config.train, config.checkpoint, config.logging
+    checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    _check_resume_config(config, workdir, checkpoint_dir)  # before anything in the workdir is written
+    warmup_steps = effective_warmup_steps(config.optim, train_cfg.steps)
+    if warmup_steps != config.optim.warmup_steps and jax.process_index() == 0:
+        print(f"train: optim.warmup_steps={config.optim.warmup_steps} is not shorter than train.steps="
+              f"{train_cfg.steps}; warming up for {warmup_steps} steps instead", flush=True)
     dataset = make_dataset(config.data, seq_len=train_cfg.seq_len, global_batch_size=train_cfg.batch_size,
                            vocab_size=model_config.vocab_size)
     next(iter(dataset))  # a first batch through every check (token ids < vocab) before anything compiles
     data_iterator = iter(dataset)
-    save_resolved_config(config, workdir)
 
     mesh = make_mesh(config.mesh, use_all=True)
     tx, _ = make_optimizer(config.optim, train_cfg.steps)
     factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_n_steps=ckpt_cfg.every_n_steps,
-                                keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
-    latest = checkpointer.latest_step()
-    if latest is None:
-        state = factory.init()
-    else:
-        state = checkpointer.restore(latest, factory.abstract_with_shardings(), data_iterator)
-        log.info("resumed from step %d", latest)
+    checkpointer = Checkpointer(checkpoint_dir, every_n_steps=ckpt_cfg.every_n_steps, keep=ckpt_cfg.keep,
+                                async_save=ckpt_cfg.async_save)
+    try:
+        resumed = checkpointer.restore_latest(factory.abstract_with_shardings(), data_iterator)
+    except BaseException:
+        checkpointer.close()
+        raise
+    latest, state = resumed if resumed is not None else (None, factory.init())
+    if jax.process_index() == 0:
+        save_config(config, workdir)  # only once the checkpoint is known to fit this config
     start_step = int(jax.device_get(state.step))
     print(f"train: {'resuming at' if latest is not None else 'starting at'} step {start_step}", flush=True)
 

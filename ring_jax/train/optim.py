@@ -8,11 +8,22 @@ import optax
 from flax import nnx
 
 
+def effective_warmup_steps(optim: ml_collections.ConfigDict, total_steps: int) -> int:
+    """`optim.warmup_steps`, or a tenth of the run when the run is not longer than that warmup.
+
+    A quick run (`--config.train.steps=10` with the default warmup of 20) then just works, with the same short
+    warmup share a long run has; the loop prints a one-line notice when the clamp applies.
+    """
+    if optim.warmup_steps < total_steps:
+        return optim.warmup_steps
+    return total_steps // 10
+
+
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Learning rate per optimizer step: linear warmup from 0, then cosine or WSD to min_lr_ratio * peak."""
     peak = optim.learning_rate
     floor = peak * optim.min_lr_ratio
-    warmup = optim.warmup_steps
+    warmup = effective_warmup_steps(optim, total_steps)
     after_warmup = max(total_steps - warmup, 1)
     warmup_fn = optax.linear_schedule(0.0, peak, max(warmup, 1))
     if optim.schedule == "cosine":
