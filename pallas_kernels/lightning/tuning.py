@@ -49,20 +49,27 @@ class ForwardConfig:
 
 # Forward kernels worth sweeping. programs_per_sm from their sm_90 builds (bf16, head_dim 128; registers x threads
 # and shared memory per SM): c64/v32/w4: 174-253 registers, 76 KB (2 stages) or 112 KB (3 stages) -> 2; the 8-warp
-# ones 185-255 registers -> 1 (v128 spills a few bytes, 216 with documents; c128 104 with documents). step_us is
-# a first guess (SASS of the loop: 385-540 instructions per warp and 28-32 HGMMA per step; tensor time plus four
-# exposed matmul waits) until benchmarks/lightning.py measures it. The first config is the one fp32 inputs get.
+# ones 185-255 registers -> 1 (v128 spills a few bytes, 216 with documents; c128 104 with documents). step_us:
+# measured by benchmarks/lightning.py (median over the swept shapes of the single-pass runs; BENCHMARKS.md has the
+# run). The first config is the one fp32 inputs get.
 FORWARD_CONFIGS = (
-    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=3, programs_per_sm=2, step_us=1.4),
-    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=2, programs_per_sm=2, step_us=1.5),
-    ForwardConfig(chunk=64, block_v=64, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.1),
-    ForwardConfig(chunk=64, block_v=128, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.5),
-    ForwardConfig(chunk=128, block_v=32, num_warps=8, num_stages=2, programs_per_sm=1, step_us=1.5),
+    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=3, programs_per_sm=2, step_us=2.00),
+    ForwardConfig(chunk=64, block_v=32, num_warps=4, num_stages=2, programs_per_sm=2, step_us=2.63),
+    ForwardConfig(chunk=64, block_v=64, num_warps=8, num_stages=2, programs_per_sm=1, step_us=3.46),
+    ForwardConfig(chunk=64, block_v=128, num_warps=8, num_stages=2, programs_per_sm=1, step_us=4.82),
+    ForwardConfig(chunk=128, block_v=32, num_warps=8, num_stages=2, programs_per_sm=1, step_us=3.78),
 )
 STATE_STEP_FRACTION = 0.35  # a state-pass chunk step (one matmul) relative to a forward step, same config
 
 # (batch * heads, seq rounded up to a power of two, head_dim) -> measured fastest forward (see module docstring).
-MEASURED_FORWARD: dict[tuple[int, int, int], ForwardTuning] = {}
+# Measured by benchmarks/lightning.py (the fastest swept config per shape; BENCHMARKS.md has the run).
+MEASURED_FORWARD: dict[tuple[int, int, int], ForwardTuning] = {
+    (64, 8192, 128): ForwardTuning(chunk=64, block_v=32, splits=1, num_warps=4, num_stages=3),  # B4 T8192 H16
+    (16, 32768, 128): ForwardTuning(chunk=64, block_v=32, splits=4, num_warps=4, num_stages=3),  # B1 T32768 H16
+    (64, 16384, 128): ForwardTuning(chunk=64, block_v=32, splits=1, num_warps=4, num_stages=3),  # B2 T16384 H32
+    (256, 4096, 128): ForwardTuning(chunk=64, block_v=32, splits=1, num_warps=4, num_stages=3),  # B8 T4096 H32
+    (32, 16384, 128): ForwardTuning(chunk=64, block_v=32, splits=4, num_warps=4, num_stages=3),  # B2 T10000 H16
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +79,11 @@ class DecodeTuning:
 
 
 # (batch * heads, head_dim) -> measured fastest decode step.
-MEASURED_DECODE: dict[tuple[int, int], DecodeTuning] = {}
+MEASURED_DECODE: dict[tuple[int, int], DecodeTuning] = {  # benchmarks/lightning.py, as MEASURED_FORWARD
+    (16, 128): DecodeTuning(block_v=32, num_warps=4),  # B1 H16
+    (1024, 128): DecodeTuning(block_v=128, num_warps=8),  # B64 H16
+    (4096, 128): DecodeTuning(block_v=128, num_warps=8),  # B256 H16
+}
 DECODE_CONFIGS = (DecodeTuning(16, 4), DecodeTuning(32, 4), DecodeTuning(64, 4), DecodeTuning(128, 8))
 
 
