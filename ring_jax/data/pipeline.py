@@ -5,7 +5,8 @@ Each batch is a dict of numpy arrays, all [rows, seq_len]:
   targets     int32  next-token ids
   segment_ids int32  1, 2, ... per packed document; 0 = padding (attention and lightning state never cross)
   positions   int32  position within its document (restarts at 0 in each segment)
-  loss_mask   float32 1 where the target is a real token
+  loss_mask   float32 1 where the target is a real token the loss learns (fine-tuning records: only the completion,
+              `ring_jax.data.sft`)
 Documents are tokenized as [BOS] + ids + [EOS] (when the tokenizer has them); documents longer than
 seq_len + 1 tokens are cut into windows that become separate segments.
 """
@@ -17,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ring_jax.data import sources, synthetic
+from ring_jax.data import sft, sources, synthetic
 from ring_jax.data.sources import DataError
 from ring_jax.data.tokenizers import Tokenizer, make_tokenizer
 
@@ -26,24 +27,25 @@ class _Tokenize(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
 
-    def map(self, text: str) -> np.ndarray:
-        ids = self._tokenizer.encode(text)
-        bos = [] if self._tokenizer.bos_id is None else [self._tokenizer.bos_id]
-        eos = [] if self._tokenizer.eos_id is None else [self._tokenizer.eos_id]
-        return np.concatenate([np.asarray(bos, np.int32), ids.astype(np.int32), np.asarray(eos, np.int32)])
+    def map(self, document: sources.Document) -> dict[str, np.ndarray]:
+        tokens, learned = sft.encode(document, self._tokenizer)
+        return {"tokens": tokens, "learned": learned}
 
 
 class _SplitIntoWindows(grain.experimental.FlatMapTransform):
-    """[n] document tokens -> windows {'inputs', 'targets'} of at most seq_len next-token pairs."""
+    """document {'tokens', 'learned'} [n] -> windows {'inputs', 'targets', 'loss_mask'} of at most seq_len
+    next-token pairs."""
 
     max_fan_out = 2**31 - 1
 
     def __init__(self, seq_len: int):
         self._seq_len = seq_len
 
-    def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
-        inputs, targets, n = tokens[:-1], tokens[1:], self._seq_len
-        return [{"inputs": inputs[i:i + n], "targets": targets[i:i + n]} for i in range(0, len(inputs), n)]
+    def flat_map(self, document: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        tokens, n = document["tokens"], self._seq_len
+        inputs, targets, loss_mask = tokens[:-1], tokens[1:], document["learned"][1:]
+        return [{"inputs": inputs[i:i + n], "targets": targets[i:i + n], "loss_mask": loss_mask[i:i + n]}
+                for i in range(0, len(inputs), n)]  # fmt: skip
 
 
 class _FromPacked(grain.transforms.Map):
@@ -54,7 +56,7 @@ class _FromPacked(grain.transforms.Map):
             "targets": packed["targets"].astype(np.int32),
             "segment_ids": segment_ids,
             "positions": packed["inputs_positions"].astype(np.int32),
-            "loss_mask": (segment_ids > 0).astype(np.float32),
+            "loss_mask": packed["loss_mask"].astype(np.float32) * (segment_ids > 0),
         }
 
 
@@ -73,7 +75,7 @@ class _PadOne(grain.transforms.Map):
             "targets": np.pad(window["targets"], (0, pad)).astype(np.int32),
             "segment_ids": valid,
             "positions": np.concatenate([np.arange(n, dtype=np.int32), np.zeros(pad, np.int32)]),
-            "loss_mask": valid.astype(np.float32),
+            "loss_mask": np.pad(window["loss_mask"], (0, pad)).astype(np.float32),
         }
 
 
@@ -156,7 +158,7 @@ def _shard_batches(data_config, source, tokenizer: Tokenizer, seq_len: int, rows
     windows = grain.experimental.FlatMapIterDataset(tokens.to_iter_dataset(), _SplitIntoWindows(seq_len))
     if data_config.packing:
         rows_ds = grain.experimental.FirstFitPackIterDataset(
-            windows, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=rows,
+            windows, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}, num_packing_bins=rows,
             seed=data_config.shuffle_seed, shuffle_bins=False,
         ).map(_FromPacked())
     else:

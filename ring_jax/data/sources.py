@@ -1,8 +1,9 @@
 """Random-access document sources for local files: .txt, .jsonl and ArrayRecord.
 
-Each source yields documents as `str`. `.txt`: one document per file. `.jsonl`: one JSON object per line,
-text in `text_field` (lines are indexed by byte offset, so files are not loaded into memory).
-ArrayRecord: each record is a UTF-8 JSON object with `text_field`, or plain UTF-8 text.
+Each source yields documents: `str`, or a fine-tuning record (`document_of`; `ring_jax.data.sft` says which of its
+tokens are learned). `.txt`: one document per file. `.jsonl`: one JSON object per line, text in `text_field` or a
+fine-tuning record (lines are indexed by byte offset, so files are not loaded into memory). ArrayRecord: each record
+is a UTF-8 JSON object (as in .jsonl), or plain UTF-8 text.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import glob
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import grain
 
@@ -22,6 +24,9 @@ _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".arrayre
 
 class DataError(RingJaxError):
     """Bad or missing training data; the message names the config field or file."""
+
+
+Document = str | dict[str, Any]  # plain text, or a checked {"prompt", "completion"} / {"messages"} record
 
 
 def resolve_paths(source: str) -> list[str]:
@@ -62,13 +67,36 @@ class TextFilesSource:
             return f.read()
 
 
-def _text_of(record: object, field: str, where: str) -> str:
-    if not isinstance(record, dict) or field not in record:
-        raise DataError(f"data.text_field: {where} has no field {field!r}")
-    text = record[field]
-    if not isinstance(text, str):
-        raise DataError(f"data.text_field: {where} field {field!r} is {type(text).__name__}, not a string")
-    return text
+def document_of(record: object, text_field: str, where: str) -> Document:
+    """The document a JSON record holds: its `text_field` string, else a prompt/completion or messages record.
+
+    Raises DataError naming `where` for a record with none of these fields or with mistyped ones."""
+    if isinstance(record, dict) and text_field in record:
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"data.text_field: {where} field {text_field!r} is {type(text).__name__}, not a string")
+        return text
+    if isinstance(record, dict) and "prompt" in record and "completion" in record:
+        for field in ("prompt", "completion"):
+            if not isinstance(record[field], str):
+                raise DataError(f"data.source: {where} field {field!r} is {type(record[field]).__name__}, not a string")
+        return {"prompt": record["prompt"], "completion": record["completion"]}
+    if isinstance(record, dict) and "messages" in record:
+        return {"messages": _checked_messages(record["messages"], where)}
+    raise DataError(f"data.text_field: {where} has no field {text_field!r} (nor 'prompt' + 'completion', nor "
+                    f"'messages' for fine-tuning)")  # fmt: skip
+
+
+def _checked_messages(messages: object, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"data.source: {where} field 'messages' must be a non-empty list of {{role, content}}")
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):  # fmt: skip
+            raise DataError(f"data.source: {where} messages[{index}] needs string 'role' and 'content' fields")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"data.source: {where} has no assistant message to learn")
+    return messages
 
 
 class JsonlSource:
@@ -88,7 +116,7 @@ class JsonlSource:
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> Document:
         with open(self._path, "rb") as f:
             f.seek(self._offsets[index])
             line = f.readline()
@@ -97,7 +125,7 @@ class JsonlSource:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"data.source: {where} is not valid JSON: {e}") from e
-        return _text_of(record, self._text_field, where)
+        return document_of(record, self._text_field, where)
 
 
 class ArrayRecordSource:
@@ -110,14 +138,14 @@ class ArrayRecordSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> Document:
         data = self._source[index].decode("utf-8", errors="replace")
         if data.lstrip().startswith("{"):
             try:
                 record = json.loads(data)
             except json.JSONDecodeError:
                 return data
-            return _text_of(record, self._text_field, f"ArrayRecord record {index}")
+            return document_of(record, self._text_field, f"ArrayRecord record {index}")
         return data
 
 
@@ -136,7 +164,7 @@ class ConcatSource:
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> Document:
         for source, start in zip(reversed(self._sources), reversed(self._starts), strict=True):
             if index >= start:
                 return source[index - start]
