@@ -168,6 +168,7 @@ def main(argv: list[str]) -> None:
         "lightning_implementation": model_config.lightning_implementation,
         "gmm_implementation": model_config.gmm_implementation,
         "attention_implementation": model_config.attention_implementation,
+        "fp8": model_config.fp8,
         "autotune_kernels": config.train.autotune_kernels,
         "loss_implementation": config.train.loss_implementation,
         "num_experts": model_config.num_experts,

@@ -34,6 +34,7 @@ __all__ = ["ConfigError", "ModelConfig", "model_defaults", "model_fields", "fiel
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("linear", "yarn")
+FP8_MODES = ("none", "emulated", "native")
 FIELD_KINDS = ("hf", "architecture", "runtime")
 REQUIRED = "required"  # `when_missing` of an HF field that config.json must contain
 
@@ -122,6 +123,10 @@ class ModelConfig:
     )
     attention_implementation: str | None = _runtime(
         None, "softmax attention kernel; None = per-platform order", choices=ATTENTION.choices(), none_type=str
+    )
+    fp8: str = _runtime(
+        "none", "blockwise FP8 for the projections and expert GEMMs: none, emulated (any platform), native (GPU)",
+        choices=FP8_MODES,
     )
     expert_parallel_transport: str | None = _runtime(
         None, "how tokens reach experts on other devices (mesh.expert > 1); None = by expert-group size",

@@ -76,6 +76,7 @@ class DecoderLayer(nnx.Module):
                 dtype=config.compute_dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
+                fp8=config.fp8,
             )
         )
 
@@ -135,6 +136,7 @@ class MTPLayer(nnx.Module):
             dtype=config.compute_dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            fp8=config.fp8,
         )
         self.layer = DecoderLayer(config, softmax=True, moe=config.num_experts > 0, rngs=rngs)
         self.final_norm = RMSNorm(hidden, eps=eps, param_dtype=param_dtype)

@@ -60,7 +60,7 @@ class SoftmaxAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs, fp8=config.fp8)
         self.qkv = Linear(config.hidden_size, (heads + 2 * kv_heads) * head_dim, names=("embed", "qkv"), **kwargs)
         self.qk = QKNormRope(config)
         self.out = Linear(heads * head_dim, config.hidden_size, names=("heads", "embed"), **kwargs)

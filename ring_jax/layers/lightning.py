@@ -46,7 +46,7 @@ class LightningAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         width = config.num_attention_heads * config.head_dim
-        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        kwargs = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs, fp8=config.fp8)
         self.qkv = Linear(config.hidden_size, 3 * width, names=("embed", "qkv"), **kwargs)
         self.qk = QKNormRope(config)
         self.gate = Linear(config.hidden_size, width, names=("embed", "heads"), **kwargs)

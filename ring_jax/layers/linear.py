@@ -6,9 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ring_jax.sharding import LogicalNames, annotated
+from pallas_kernels.fp8 import blockwise_matmul
+from ring_jax.sharding import LogicalNames, annotated, per_shard
 
 DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def fp8_implementation(fp8: str) -> str | None:
+    """The `pallas_kernels.fp8` implementation of a `model.fp8` mode ("emulated" or "native")."""
+    return {"emulated": "reference", "native": None}[fp8]
 
 
 def param(
@@ -23,7 +29,11 @@ def param(
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel, no bias. kernel [in_features, out_features] (HF stores the transpose)."""
+    """y = x @ kernel, no bias. kernel [in_features, out_features] (HF stores the transpose).
+
+    fp8 ("none", "emulated", "native"): multiply in blockwise FP8 (pallas_kernels.fp8), quantising the fp32 / bf16
+    kernel itself, so its gradient comes back in the parameter dtype.
+    """
 
     def __init__(
         self,
@@ -34,14 +44,28 @@ class Linear(nnx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
+        fp8: str = "none",
     ):
         self.kernel = param(rngs, (in_features, out_features), names, param_dtype)
         self.dtype = dtype
+        self.fp8 = fp8
 
     def __call__(self, x: jax.Array, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x [..., in] -> [..., out]; `out_dtype` asks for a wider result (fp32 logits) without upcasting inputs."""
+        if self.fp8 != "none":
+            return self._fp8_matmul(x.astype(self.dtype), self.kernel[...]).astype(out_dtype or self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
         return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype).astype(out_dtype or self.dtype)
+
+
+    def _fp8_matmul(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """The FP8 kernel runs on each device's rows (`per_shard`) with the whole weight (gathered like an FSDP
+        weight; a tensor-parallel split of the weight is not kept for FP8 layers)."""
+        rows = ("activation_batch", *(None,) * (x.ndim - 1))
+        implementation = fp8_implementation(self.fp8)
+        matmul = per_shard(lambda x, w: blockwise_matmul(x, w, implementation=implementation),
+                           in_names=(rows, None), out_names=rows)  # fmt: skip
+        return matmul(x, kernel)
 
 
 class Embed(nnx.Module):

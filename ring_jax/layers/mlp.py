@@ -11,9 +11,16 @@ from ring_jax.layers.linear import Linear
 
 class SwiGLU(nnx.Module):
     def __init__(
-        self, hidden_size: int, intermediate_size: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        fp8: str = "none",
     ):
-        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8)
         self.gate = Linear(hidden_size, intermediate_size, names=("embed", "mlp"), **kwargs)
         self.up = Linear(hidden_size, intermediate_size, names=("embed", "mlp"), **kwargs)
         self.down = Linear(intermediate_size, hidden_size, names=("mlp", "embed"), **kwargs)

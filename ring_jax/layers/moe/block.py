@@ -47,6 +47,7 @@ class MoE(nnx.Module):
                 dtype=config.compute_dtype,
                 param_dtype=config.weight_dtype,
                 rngs=rngs,
+                fp8=config.fp8,
             )
             if config.num_shared_experts
             else None

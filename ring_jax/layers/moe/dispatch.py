@@ -17,7 +17,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.fp8 import blockwise_grouped_matmul
 from pallas_kernels.gmm import grouped_matmul
+from ring_jax.layers.linear import fp8_implementation
 
 
 class ExpertSort(NamedTuple):
@@ -134,17 +136,27 @@ def expert_mlp(
     down: jax.Array,
     *,
     implementation: str | None = None,
+    fp8: str = "none",
 ) -> jax.Array:
     """SwiGLU of each row with its group's expert: sorted_x [rows, hidden] grouped by expert (rows past
     sum(group_sizes) are padding and give zeros); gate_up [E, hidden, 2 * inter] (gate ‖ up), down [E, inter,
-    hidden], both in the compute dtype. Returns [rows, hidden]."""
+    hidden], in `weight_dtype(x.dtype, ...)`. `implementation` picks the grouped matmul; with fp8 "emulated" /
+    "native" both run in blockwise FP8 instead (pallas_kernels.fp8). Returns [rows, hidden]."""
     inter = down.shape[1]
 
     def gmm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        return grouped_matmul(lhs, rhs, group_sizes, implementation=implementation)
+        if fp8 == "none":
+            return grouped_matmul(lhs, rhs, group_sizes, implementation=implementation)
+        return blockwise_grouped_matmul(lhs, rhs, group_sizes, implementation=fp8_implementation(fp8))
 
     gate_up_out = gmm(sorted_x, gate_up)
     return gmm(jax.nn.silu(gate_up_out[:, :inter]) * gate_up_out[:, inter:], down)
+
+
+def weight_dtype(compute_dtype: jnp.dtype, param_dtype: jnp.dtype, fp8: str) -> jnp.dtype:
+    """The dtype the expert GEMMs take their weights in: the compute dtype, or with FP8 the parameter dtype itself
+    (quantised directly, so the gradient comes back in the parameter dtype)."""
+    return compute_dtype if fp8 == "none" else param_dtype
 
 
 def fuse_gate_up(gate_kernel: jax.Array, up_kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -162,14 +174,18 @@ def moe_dispatch_combine(
     down_kernel: jax.Array,
     *,
     implementation: str | None = None,
+    fp8: str = "none",
 ) -> jax.Array:
     """y_t = Σ_i weights[t, i] · SwiGLU_{experts[t, i]}(x_t), every expert on this device.
 
     x [tokens, hidden]; experts, weights [tokens, top_k]; gate_kernel, up_kernel [E, hidden, inter];
-    down_kernel [E, inter, hidden]. Returns [tokens, hidden] in x's dtype.
+    down_kernel [E, inter, hidden]. Returns [tokens, hidden] in x's dtype. `implementation`, `fp8`: see
+    `expert_mlp`.
     """
-    gate_up = fuse_gate_up(gate_kernel, up_kernel, x.dtype)
-    return dispatch_combine(x, experts, weights, gate_up, down_kernel.astype(x.dtype), implementation=implementation)
+    dtype = weight_dtype(x.dtype, gate_kernel.dtype, fp8)
+    gate_up = fuse_gate_up(gate_kernel, up_kernel, dtype)
+    return dispatch_combine(x, experts, weights, gate_up, down_kernel.astype(dtype), implementation=implementation,
+                            fp8=fp8)  # fmt: skip
 
 
 def dispatch_combine(
@@ -180,6 +196,7 @@ def dispatch_combine(
     down: jax.Array,
     *,
     implementation: str | None = None,
+    fp8: str = "none",
 ) -> jax.Array:
     """`moe_dispatch_combine` with the kernels already fused and cast (`fuse_gate_up`): gate_up [E, hidden,
     2 * inter], down [E, inter, hidden]; experts [tokens, top_k] in [0, E]: id E (or more) marks a copy handled
@@ -188,5 +205,5 @@ def dispatch_combine(
     routing = sort_by_expert(experts, num_experts + 1)
     sorted_x = permute(x, routing.order, routing.inverse, top_k)
     sorted_out = expert_mlp(sorted_x, routing.group_sizes[:num_experts], gate_up, down,
-                            implementation=implementation)  # fmt: skip
+                            implementation=implementation, fp8=fp8)  # fmt: skip
     return unpermute_combine(sorted_out, weights, routing.order, routing.inverse)

@@ -38,6 +38,7 @@ from ring_jax.layers.moe.dispatch import (
     sort_by_expert,
     take_rows,
     unpermute_combine,
+    weight_dtype,
 )
 from ring_jax.sharding import dividing_axes, fit_spec, logical_to_mesh_spec
 
@@ -72,7 +73,7 @@ def routed_experts(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return moe_dispatch_combine(tokens, experts, weights, gate_kernel, up_kernel, down_kernel,
-                                    implementation=config.gmm_implementation)  # fmt: skip
+                                    implementation=config.gmm_implementation, fp8=config.fp8)  # fmt: skip
     gate_spec = fit_spec(logical_to_mesh_spec(GATE_UP_NAMES), gate_kernel.shape, mesh)
     down_spec = fit_spec(logical_to_mesh_spec(DOWN_NAMES), down_kernel.shape, mesh)
     token_axes = dividing_axes("activation_batch", (tokens.shape[0],), mesh)
@@ -82,12 +83,12 @@ def routed_experts(
     gather_axes = lambda spec_entry: tuple(a for a in _as_tuple(spec_entry) if mesh.shape[a] > 1)  # noqa: E731
 
     def body(x, experts, weights, gate, up, down):
-        dtype = x.dtype
+        dtype = weight_dtype(x.dtype, gate.dtype, config.fp8)
         gate_up, down = fuse_gate_up(gate, up, dtype), down.astype(dtype)
         for axis in gather_axes(gate_spec[1]):  # FSDP: the full hidden dimension of this device's experts
             gate_up = jax.lax.all_gather(gate_up, axis, axis=1, tiled=True)
             down = jax.lax.all_gather(down, axis, axis=2, tiled=True)
-        local = dict(gate_up=gate_up, down=down, implementation=config.gmm_implementation)
+        local = dict(gate_up=gate_up, down=down, implementation=config.gmm_implementation, fp8=config.fp8)
         if ep == 1:
             y = dispatch_combine(x, experts, weights, **local)
         elif EXPERT not in token_axes:  # same tokens on every expert rank: each adds its experts' share
@@ -111,16 +112,16 @@ def routed_experts(
     )(tokens, experts, weights, gate_kernel, up_kernel, down_kernel)
 
 
-def _apply_local_experts(x, experts, weights, *, gate_up, down, implementation):
+def _apply_local_experts(x, experts, weights, *, gate_up, down, implementation, fp8):
     """Σ over the copies routed to this device's experts only (experts: global ids); copies of other devices'
     experts contribute zeros."""
     local_count = gate_up.shape[0]
     first = jax.lax.axis_index(EXPERT) * local_count
     local_ids = jnp.where((experts >= first) & (experts < first + local_count), experts - first, local_count)
-    return dispatch_combine(x, local_ids, weights, gate_up, down, implementation=implementation)
+    return dispatch_combine(x, local_ids, weights, gate_up, down, implementation=implementation, fp8=fp8)
 
 
-def _exchange(x, experts, weights, *, ep, ragged, gate_up, down, implementation):
+def _exchange(x, experts, weights, *, ep, ragged, gate_up, down, implementation, fp8):
     """Sends every copy to the device of its expert, applies the local experts there, and brings the results back
     (fixed-capacity `all_to_all`, or `ragged_all_to_all` when `ragged`)."""
     tokens, top_k = experts.shape
@@ -133,7 +134,7 @@ def _exchange(x, experts, weights, *, ep, ragged, gate_up, down, implementation)
     send_start = jnp.cumsum(send) - send
     received_counts = jax.lax.all_to_all(per_destination, EXPERT, 0, 0, tiled=True)  # [ep (source), local]
     received_rows = received_counts.sum(axis=1)
-    local = dict(gate_up=gate_up, down=down, implementation=implementation)
+    local = dict(gate_up=gate_up, down=down, implementation=implementation, fp8=fp8)
     if ragged:
         me = jax.lax.axis_index(EXPERT)
         counts = jax.lax.all_gather(send, EXPERT)  # [sender, receiver]
@@ -160,7 +161,7 @@ def _exchange(x, experts, weights, *, ep, ragged, gate_up, down, implementation)
     return unpermute_combine(sorted_out, weights, routing.order, routing.inverse)
 
 
-def _local_experts_on_segments(rows, segment_start, segment_counts, *, gate_up, down, implementation):
+def _local_experts_on_segments(rows, segment_start, segment_counts, *, gate_up, down, implementation, fp8):
     """rows [R, hidden] hold one segment per source device, starting at segment_start [ep], each sorted by local
     expert with segment_counts [ep, local] rows per expert; rows outside every segment are padding. Returns the
     expert outputs [R, hidden] in the same layout (zeros for padding)."""
@@ -172,7 +173,8 @@ def _local_experts_on_segments(rows, segment_start, segment_counts, *, gate_up, 
     expert = jnp.sum(within[:, None] >= ends, axis=1)  # local_count past the segment's rows: padding
     routing = sort_by_expert(expert[:, None], local_count + 1)
     grouped = take_rows(rows, routing.order, routing.inverse)
-    out = expert_mlp(grouped, routing.group_sizes[:local_count], gate_up, down, implementation=implementation)
+    out = expert_mlp(grouped, routing.group_sizes[:local_count], gate_up, down, implementation=implementation,
+                     fp8=fp8)  # fmt: skip
     return take_rows(out, routing.inverse, routing.order)
 
 

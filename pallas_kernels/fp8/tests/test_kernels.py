@@ -1,0 +1,185 @@
+"""Pallas FP8 kernels against the emulated recipe: forward and every gradient, dense and grouped, with activations
+quantised by XLA ("pallas_triton") or in the kernel ("pallas_triton_fused"), and the Mosaic GPU dense kernel
+("pallas_mosaic_gpu").
+
+CPU CI runs the kernels in interpret mode on small shapes (odd sizes, so edge tiles and padding are exercised);
+the `gpu`-marked tests compile them, compare with the emulated recipe on the GPU and read the compiled program to
+make sure the native matmuls really multiply FP8 operands.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fp8 import Fp8Recipe, blockwise_grouped_matmul, blockwise_matmul
+from pallas_kernels.fp8 import api as fp8_api
+from pallas_kernels.fp8.pallas_triton import KernelConfig, TritonBackend
+from pallas_kernels.fp8.reference import Emulated, OpConfig, fp8_grouped_matmul, fp8_matmul
+from pallas_kernels.fp8.tests import fp8_testing as ref64
+
+SMALL = KernelConfig(block_m=32, block_n=32)  # several programs per dimension even on tiny shapes
+PAIRED = KernelConfig(block_m=32, block_n=32, k_unroll=2)  # contraction blocks folded in pairs (+ an odd one)
+ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (compiled Triton kernels)")
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(np.random.default_rng().integers(2**31))
+
+
+def _dense(backend, recipe, x, w, dy):
+    """(y, dx, dw) of the recipe with `backend`'s GEMMs, compiled."""
+
+    def run(x, w, dy):
+        y, pullback = jax.vjp(lambda x, w: fp8_matmul(x, w, OpConfig(backend, recipe, jnp.dtype(w.dtype))), x, w)
+        return (y, *pullback(dy))
+
+    return jax.jit(run)(x, w, dy)
+
+
+def _grouped(backend, recipe, lhs, rhs, sizes, dy):
+    """(out, dlhs, drhs) of the grouped recipe with `backend`'s GEMMs, compiled."""
+
+    def run(lhs, rhs, dy):
+        cfg = OpConfig(backend, recipe, jnp.dtype(rhs.dtype))
+        out, pullback = jax.vjp(lambda a, b: fp8_grouped_matmul(a, b, sizes, cfg), lhs, rhs)
+        return (out, *pullback(dy))
+
+    return jax.jit(run)(lhs, rhs, dy)
+
+
+def _assert_close(got, want, tol, names, seed):
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert ref64.relative_error(g, w) <= tol, f"{name} seed={seed}"
+
+
+def _dense_inputs(seed, dtype, m=200, k=300, n=136):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(ref64.random_matrix(rng, (m, k)), dtype)
+    return x, jnp.asarray(ref64.random_matrix(rng, (k, n))), jnp.asarray(ref64.random_matrix(rng, (m, n)), dtype)
+
+
+def _grouped_inputs(seed, sizes, rows=300, k=136, n=72):
+    rng = np.random.default_rng(seed)
+    lhs, dy = ref64.random_matrix(rng, (rows, k)), ref64.random_matrix(rng, (rows, n))
+    rhs = ref64.random_matrix(rng, (len(sizes), k, n))
+    return jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes, jnp.int32), jnp.asarray(dy)
+
+
+# (fused quantisation, activation dtype, recipe, tiles): e5m2 gradients run the kernels' mixed-format dot; 256-wide
+# column tiles span two weight blocks, so the weight's scales go per line instead of one per tile.
+DENSE_CASES = [
+    (False, jnp.float32, Fp8Recipe(), SMALL),
+    (True, jnp.bfloat16, Fp8Recipe(gradient_format="float8_e5m2", power_of_two_scales=True), PAIRED),
+    (False, jnp.float32, Fp8Recipe(), KernelConfig(block_m=16, block_n=256)),
+]
+
+
+@pytest.mark.parametrize("fused, dtype, recipe, config", DENSE_CASES)
+def test_dense_kernels_match_the_emulated_recipe(fused, dtype, recipe, config, seed):
+    """M 200, K 300, N 136: partial tiles along every dimension; only the fp32 summation order may differ."""
+    x, w, dy = _dense_inputs(seed, dtype)
+    got = _dense(TritonBackend(fuse_quantization=fused, interpret=True, config=config), recipe, x, w, dy)
+    want = _dense(Emulated(), recipe, x, w, dy)
+    _assert_close(got, want, 1e-5 if dtype == jnp.float32 else 1e-2, ("y", "dx", "dw"), seed)
+
+
+@pytest.mark.parametrize("fused, config", [(False, SMALL), (True, PAIRED)])
+def test_grouped_kernels_match_the_emulated_recipe(fused, config, seed):
+    """Empty groups, groups across tile boundaries (drhs: groups of 1 and 2 column tiles), and 20 padding rows
+    past sum(group_sizes)."""
+    lhs, rhs, sizes, dy = _grouped_inputs(seed, [0, 100, 150, 0, 30])
+    backend = TritonBackend(fuse_quantization=fused, interpret=True, config=config)
+    got = _grouped(backend, Fp8Recipe(), lhs, rhs, sizes, dy)
+    want = _grouped(Emulated(), Fp8Recipe(), lhs, rhs, sizes, dy)
+    _assert_close(got, want, 1e-5, ("out", "dlhs", "drhs"), seed)
+    assert np.all(np.asarray(got[0])[280:] == 0) and np.all(np.asarray(got[1])[280:] == 0)
+
+
+@pytest.mark.slow  # Mosaic GPU interpret mode simulates warpgroups and barriers: ~15-80 s on 2 shared cores
+def test_mosaic_dense_kernel_matches_the_emulated_recipe(seed):
+    """The Mosaic GPU dense kernel (Mosaic GPU interpret mode) for y, dx and dw, partial tiles everywhere."""
+    from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig
+
+    x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=200, k=300, n=136)
+    backend = MosaicBackend(interpret=True, mosaic_config=MosaicConfig(tile_n=64, max_concurrent_steps=2))
+    got = _dense(backend, Fp8Recipe(), x, w, dy)
+    _assert_close(got, _dense(Emulated(), Fp8Recipe(), x, w, dy), 1e-2, ("y", "dx", "dw"), seed)
+    assert ref64.relative_error(got[2], _dense(Emulated(), Fp8Recipe(), x, w, dy)[2]) <= 1e-5  # dw is fp32
+
+
+def test_api_names_reach_the_kernels(seed):
+    """The api's "*_interpret" names run the kernels (default tile sizes, shrunk to the tiny shapes)."""
+    x, w, _ = _dense_inputs(seed, jnp.float32, m=40, k=136, n=24)
+    want = blockwise_matmul(x, w, implementation="reference")
+    got = jax.jit(lambda x, w: blockwise_matmul(x, w, implementation="pallas_triton_fused_interpret"))(x, w)
+    assert ref64.relative_error(got, want) <= 1e-5, f"seed={seed}"
+    lhs, rhs, sizes, _ = _grouped_inputs(seed, [10, 0, 30], rows=48, k=40, n=24)
+    want = blockwise_grouped_matmul(lhs, rhs, sizes, implementation="reference")
+    kernel = lambda a, b: blockwise_grouped_matmul(a, b, sizes, implementation="pallas_triton_interpret")
+    got = jax.jit(kernel)(lhs, rhs)
+    assert ref64.relative_error(got, want) <= 1e-5, f"seed={seed}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels.
+NATIVE = ["pallas_triton", "pallas_triton_fused"]
+
+
+@pytest.mark.gpu
+@ON_GPU
+@pytest.mark.parametrize("implementation", [*NATIVE, "pallas_mosaic_gpu"])
+def test_native_equals_emulated_on_gpu(implementation):
+    """Same quantised operands, so native and emulated differ by fp32 summation order (and, fused, by a rare
+    rounding tie); both carry the FP8 error against the exact product."""
+    seed = 5
+    backend = fp8_api.backend(implementation)
+    x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=1000, k=1000, n=520)
+    got = _dense(backend, Fp8Recipe(), x, w, dy)
+    _assert_close(got, _dense(Emulated(), Fp8Recipe(), x, w, dy), 1e-2, ("y", "dx", "dw"), seed)  # bf16 outputs
+    error = ref64.relative_error(got[0], np.asarray(x, np.float64) @ np.asarray(w, np.float64))
+    assert 5e-3 < error < 6e-2, error
+    lhs, rhs, sizes, gdy = _grouped_inputs(seed, [0, 300, 513, 0, 100, 57], rows=1000, k=520, n=264)
+    got = _grouped(backend, Fp8Recipe(), lhs, rhs, sizes, gdy)
+    # fp32 results: summation order, plus (fused) a rare tie that XLA and the kernel round differently.
+    _assert_close(got, _grouped(Emulated(), Fp8Recipe(), lhs, rhs, sizes, gdy), 1e-3, ("out", "dlhs", "drhs"), seed)
+
+
+def _compiled_text(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.gpu
+@ON_GPU
+@pytest.mark.parametrize("implementation", NATIVE)
+def test_native_matmuls_multiply_fp8_operands(implementation, capfd):
+    """Fails when a native matmul silently runs in bf16: the compiled program must hold no XLA GEMM, only our
+    Triton kernels, and every `tt.dot` in those kernels must take two float8_e4m3fn operands."""
+    fused = implementation.endswith("fused")
+    backend = TritonBackend(fuse_quantization=fused, config=KernelConfig(debug=True))
+    x, w, dy = _dense_inputs(1, jnp.bfloat16, m=512, k=512, n=256)
+    lhs, rhs, sizes, gdy = _grouped_inputs(1, [100, 0, 300, 112], rows=512, k=256, n=128)
+
+    def dense_step(x, w, dy):
+        y, pullback = jax.vjp(lambda x, w: fp8_matmul(x, w, OpConfig(backend, Fp8Recipe(), w.dtype)), x, w)
+        return y, pullback(dy)
+
+    def grouped_step(lhs, rhs, dy):
+        cfg = OpConfig(backend, Fp8Recipe(), rhs.dtype)
+        out, pullback = jax.vjp(lambda a, b: fp8_grouped_matmul(a, b, sizes, cfg), lhs, rhs)
+        return out, pullback(dy)
+
+    capfd.readouterr()
+    hlo = _compiled_text(dense_step, x, w, dy) + _compiled_text(grouped_step, lhs, rhs, gdy)
+    triton_ir = capfd.readouterr().out
+    assert hlo.count("__gpu$xla.gpu.triton") >= 6, "expected 3 dense + 3 grouped Triton kernels"
+    for xla_gemm in (r"\bdot\(", "__cublas$gemm", "__cublas$lt$matmul", "__cudnn"):
+        assert not re.search(xla_gemm if xla_gemm.startswith("\\") else re.escape(xla_gemm), hlo), xla_gemm
+    dots = [line for line in triton_ir.splitlines() if "tt.dot" in line]
+    assert len(dots) >= 6, triton_ir[-2000:]
+    for line in dots:
+        assert line.count("f8E4M3FN") >= 2 and "bf16" not in line, line
