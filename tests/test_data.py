@@ -268,3 +268,42 @@ def test_fine_tuning_records_fail_naming_the_problem(tmp_path):
         config = data_config(source=str(tmp_path / name), tokenizer=tokenizer.name)
         with pytest.raises(DataError, match=message):
             take(make_dataset(config, seq_len=SEQ, global_batch_size=1, vocab_size=16), 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Held-out documents
+
+
+def segment_texts(batches):
+    tokenizer = ByteTokenizer()
+    return [tokenizer.decode(row[seg == s]) for b in batches for row, seg in zip(b["inputs"], b["segment_ids"],
+            strict=True) for s in np.unique(seg[seg > 0])]  # fmt: skip
+
+
+def test_held_out_fraction_never_reaches_training(tmp_path):
+    texts = [f"document {i} " + "x" * i for i in range(50)]
+    write_jsonl(tmp_path / "d.jsonl", texts)
+    config = data_config(source=str(tmp_path / "d.jsonl"), eval_fraction=0.2, packing=False)
+    trained = set(segment_texts(take(make_dataset(config, seq_len=SEQ, global_batch_size=4, vocab_size=259), 40)))
+    held_out = segment_texts(make_dataset(config, seq_len=SEQ, global_batch_size=2, vocab_size=259, held_out=True))
+    assert len(held_out) == 10 == len(set(held_out)), "read once: the 10 held-out documents, each once"
+    assert trained and set(held_out) <= set(texts) and not trained & set(held_out)
+    assert len(trained) == 40, "every other document is trained on"
+    again = segment_texts(make_dataset(config, seq_len=SEQ, global_batch_size=2, vocab_size=259, held_out=True))
+    assert again == held_out, "a seeded, fixed split"
+    with pytest.raises(DataError, match=r"data.eval_fraction=0.01 of the 50 documents .* leaves 0 held out"):
+        make_dataset(data_config(source=str(tmp_path / "d.jsonl"), eval_fraction=0.01), seq_len=SEQ,
+                     global_batch_size=2, vocab_size=259)  # fmt: skip
+
+
+def test_synthetic_held_out_examples_follow_the_training_documents(tmp_path):
+    config = data_config(num_default_documents=30, packing=False)
+    held_out = take(make_dataset(config, seq_len=SEQ, global_batch_size=2, vocab_size=259, held_out=True), 2)
+    assert segment_texts(held_out) == [synthetic.example(0, 30 + i).text for i in range(4)]
+    write_jsonl(tmp_path / "e.jsonl", ["held out"])
+    files = data_config(eval_source=str(tmp_path / "e.jsonl"))
+    assert segment_texts(make_dataset(files, seq_len=SEQ, global_batch_size=1, vocab_size=259, held_out=True)) == [
+        "held out"]  # fmt: skip
+    with pytest.raises(DataError, match="data.eval_source: no file matches"):
+        make_dataset(data_config(eval_source=str(tmp_path / "none.jsonl")), seq_len=SEQ, global_batch_size=1,
+                     vocab_size=259, held_out=True)  # fmt: skip

@@ -28,8 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
         # Same weights either way; on XLA:CPU the unrolled stack steps and compiles faster (BENCHMARKS.md, CPU).
         scan_layers=False,
     )
-    # Training on the embedded synthetic data: 300 steps of 8 x 128 tokens.
-    config.train.update(steps=300, batch_size=8, seq_len=128, log_every=10)
+    # Training on the embedded synthetic data: 300 steps of 8 x 128 tokens; eval loss and exact-match accuracy on
+    # held-out task examples every 100 steps.
+    config.train.update(steps=300, batch_size=8, seq_len=128, log_every=10, eval_every=100)
     config.optim.update(learning_rate=3e-3, warmup_steps=20, bias_update_rate=1e-2)
     config.checkpoint.update(every_n_steps=100, keep=2)
     return config

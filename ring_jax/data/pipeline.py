@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ring_jax.data import sft, sources, synthetic
+from ring_jax.data import heldout, sft, sources, synthetic
 from ring_jax.data.sources import DataError
 from ring_jax.data.tokenizers import Tokenizer, make_tokenizer
 
@@ -94,10 +94,11 @@ class _CheckVocab(grain.transforms.Map):
 
 
 def make_source(data_config: ml_collections.ConfigDict):
-    """The random-access document source named by `data.source`."""
+    """The random-access document source named by `data.source`, less its held-out documents (`heldout`)."""
     if data_config.source == "default":
         return synthetic.SyntheticSource(data_config.num_default_documents, seed=data_config.shuffle_seed)
-    return sources.make_file_source(data_config.source, data_config.format, data_config.text_field)
+    documents = sources.make_file_source(data_config.source, data_config.format, data_config.text_field)
+    return heldout.training_documents(data_config, documents)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, tokenizer_spec: str) -> None:
@@ -114,8 +115,10 @@ def make_dataset(
     vocab_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    held_out: bool = False,
 ) -> grain.IterDataset:
-    """Infinite, deterministic IterDataset of this process's batches [global_batch / processes, seq_len].
+    """Infinite, deterministic IterDataset of this process's batches [global_batch / processes, seq_len]; with
+    `held_out`, the batches of the held-out documents (`ring_jax.data.heldout`), read once in order.
 
     The documents are split into `data.num_shards` shards (0: one per process), each packed into its own rows:
     a process reads the shards of its rows, so the global batch does not depend on how many processes load it.
@@ -132,9 +135,9 @@ def make_dataset(
     rows = global_batch_size // num_shards
     tokenizer = make_tokenizer(data_config.tokenizer)
     check_tokenizer_fits(tokenizer, vocab_size, data_config.tokenizer)
-    source = make_source(data_config)
+    source = heldout.held_out_documents(data_config) if held_out else make_source(data_config)
     per_process = num_shards // process_count
-    shards = [_shard_batches(data_config, source, tokenizer, seq_len, rows, index, num_shards)
+    shards = [_shard_batches(data_config, source, tokenizer, seq_len, rows, index, num_shards, repeat=not held_out)
               for index in range(process_index * per_process, (process_index + 1) * per_process)]  # fmt: skip
     batches = shards[0] if len(shards) == 1 else grain.experimental.ZipIterDataset(shards).map(_ConcatRows())
     batches = batches.map(_CheckVocab(vocab_size, data_config.source))
@@ -149,12 +152,15 @@ class _ConcatRows(grain.transforms.Map):
 
 
 def _shard_batches(data_config, source, tokenizer: Tokenizer, seq_len: int, rows: int, shard: int,
-                   num_shards: int) -> grain.IterDataset:  # fmt: skip
-    """Batches [rows, seq_len] of the documents of one shard (documents shard, shard + num_shards, ...)."""
+                   num_shards: int, repeat: bool = True) -> grain.IterDataset:  # fmt: skip
+    """Batches [rows, seq_len] of the documents of one shard (documents shard, shard + num_shards, ...): shuffled
+    and repeated forever, or (repeat=False) read once in order."""
     documents = grain.MapDataset.source(source)[shard::num_shards]
     if len(documents) == 0:
         raise DataError(f"data.source: data shard {shard} of {num_shards} gets no documents ({len(source)} in total)")
-    tokens = documents.shuffle(seed=data_config.shuffle_seed).repeat().map(_Tokenize(tokenizer))
+    if repeat:
+        documents = documents.shuffle(seed=data_config.shuffle_seed).repeat()
+    tokens = documents.map(_Tokenize(tokenizer))
     windows = grain.experimental.FlatMapIterDataset(tokens.to_iter_dataset(), _SplitIntoWindows(seq_len))
     if data_config.packing:
         rows_ds = grain.experimental.FirstFitPackIterDataset(

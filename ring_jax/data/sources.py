@@ -29,16 +29,16 @@ class DataError(RingJaxError):
 Document = str | dict[str, Any]  # plain text, or a checked {"prompt", "completion"} / {"messages"} record
 
 
-def resolve_paths(source: str) -> list[str]:
-    """Comma-separated paths or globs -> sorted existing files; raises DataError naming missing ones."""
+def resolve_paths(source: str, field: str = "data.source") -> list[str]:
+    """Comma-separated paths or globs -> sorted existing files; raises DataError naming `field` and missing ones."""
     paths: list[str] = []
     for pattern in (p.strip() for p in source.split(",") if p.strip()):
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches:
-            raise DataError(f"data.source: no file matches {pattern!r} (cwd {os.getcwd()})")
+            raise DataError(f"{field}: no file matches {pattern!r} (cwd {os.getcwd()})")
         for match in matches:
             if os.path.isdir(match):
-                raise DataError(f"data.source: {match!r} is a directory; pass files or a glob")
+                raise DataError(f"{field}: {match!r} is a directory; pass files or a glob")
             paths.append(match)
     return paths
 
@@ -171,10 +171,11 @@ class ConcatSource:
         raise IndexError(index)
 
 
-def make_file_source(source: str, data_format: str, text_field: str):
-    """Builds one random-access source over all files named by `source` (comma-separated paths/globs)."""
+def make_file_source(source: str, data_format: str, text_field: str, field: str = "data.source"):
+    """Builds one random-access source over all files named by `source` (comma-separated paths/globs, the value of
+    config `field`)."""
     by_format: dict[str, list[str]] = {}
-    for path in resolve_paths(source):
+    for path in resolve_paths(source, field):
         by_format.setdefault(infer_format(path, data_format), []).append(path)
     sources = []
     for fmt, paths in by_format.items():
@@ -186,5 +187,5 @@ def make_file_source(source: str, data_format: str, text_field: str):
             sources.append(ArrayRecordSource(paths, text_field))
     combined = sources[0] if len(sources) == 1 else ConcatSource(sources)
     if len(combined) == 0:
-        raise DataError(f"data.source: {source!r} holds no documents")
+        raise DataError(f"{field}: {source!r} holds no documents")
     return combined

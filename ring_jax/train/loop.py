@@ -21,10 +21,11 @@ from jax.experimental import multihost_utils
 from ring_jax.data.pipeline import make_dataset
 from ring_jax.sharding import make_mesh
 from ring_jax.train.checkpoint import Checkpointer
+from ring_jax.train.evaluate import Evaluator, make_evaluator
 from ring_jax.train.metrics import MetricsWriter, ProgressBar
 from ring_jax.train.optim import make_optimizer
 from ring_jax.train.state import StateFactory, validate
-from ring_jax.train.step import make_train_step
+from ring_jax.train.step import global_batch, make_train_step
 from ring_jax.train.tuning import KERNEL_TUNING_FILE, tune_kernels
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,17 @@ def save_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> Non
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
-
-
 def _save(checkpointer: Checkpointer, step: int, state, data_iterator) -> bool:
     if jax.process_index() == 0:
         print(f"checkpoint: saving step {step}", flush=True)
     return checkpointer.save(step, state, data_iterator)
+
+
+def _evaluate(evaluator: Evaluator, step: int, state, writer: MetricsWriter) -> None:
+    metrics = evaluator.run(state)
+    writer.write(step, metrics)
+    if jax.process_index() == 0:
+        print(f"eval: step {step} " + " ".join(f"{key} {value:.4f}" for key, value in metrics.items()), flush=True)
 
 
 def _any_process(flag: bool) -> bool:
@@ -118,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     mesh = make_mesh(config.mesh, use_all=True)
     tx, _ = make_optimizer(config.optim, train_cfg.steps)
     factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed)
+    evaluator = make_evaluator(factory, config)  # held-out data checked before anything compiles
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_n_steps=ckpt_cfg.every_n_steps,
                                 keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
     latest = checkpointer.latest_step()
@@ -191,9 +196,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             end_step = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
             stop = False
             while step < end_step and not stop:
-                batch = _global_batch(next(data_iterator), batch_sharding)
+                batch = global_batch(next(data_iterator), batch_sharding)
                 state, metrics = train_step(state, batch)
                 step += 1
+                if evaluator is not None and evaluator.due(step):
+                    eval_start = time.perf_counter()
+                    _evaluate(evaluator, step, state, writer)
+                    window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
                 if pending is not None:
                     finish_step(*pending)
                 pending = (step, metrics)
