@@ -13,8 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ring_jax.config import ConfigError
-from ring_jax.data.sources import DataError
+from ring_jax.errors import RingJaxError
 from ring_jax.train import distributed
 from ring_jax.train.loop import NonFiniteError, train
 from ring_jax.train.xla_flags import set_default_xla_flags
@@ -35,12 +34,18 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     set_default_xla_flags()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = _CONFIG.value
+    # --config.model.* flags win over the model fields checkpoint.init_from would bring.
+    overridden = [key.removeprefix("model.") for key in config_flags.get_override_values(flags.FLAGS["config"])
+                  if key.startswith("model.")]  # fmt: skip
+    kept = [name for name in config.checkpoint.init_from_overrides.split(",") if name.strip()]
+    config.checkpoint.init_from_overrides = ",".join(kept + overridden)
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(config, _WORKDIR.value)
     except NonFiniteError as e:
         print(f"train: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (RingJaxError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"train: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     losses = result.losses

@@ -111,11 +111,25 @@ def from_hf(
     sharding. The result maps int tokens [batch, seq] to fp32 logits [batch, seq, vocab]: `model(tokens)`.
     """
     path = Path(path)
-    hf = read_hf_config(path)
     reader = SafetensorsReader(path)
-    weight_dtype = _dtype_name(dtype) if dtype is not None else _checkpoint_dtype(hf, reader)
-    config = _model_config(hf, str(path / "config.json"), reader, weight_dtype, compute_dtype, overrides)
+    config = _hf_model_config(path, reader, dtype, compute_dtype, overrides)
     return _load(reader, config, mesh, progress)
+
+
+def hf_model_config(path: str | Path, dtype: Any = None, *, compute_dtype: Any = None,
+                    overrides: Mapping[str, Any] | None = None) -> ModelConfig:  # fmt: skip
+    """The ModelConfig `from_hf(path, dtype, ...)` loads into: the fields of the directory's config.json (a Ling-2.0
+    layout, whose num_hidden_layers counts the MTP blocks, gives the main stack without them), weights in `dtype`
+    (default: the checkpoint's)."""
+    path = Path(path)
+    return _hf_model_config(path, SafetensorsReader(path), dtype, compute_dtype, overrides)
+
+
+def _hf_model_config(path: Path, reader: SafetensorsReader, dtype: Any, compute_dtype: Any,
+                     overrides: Mapping[str, Any] | None) -> ModelConfig:  # fmt: skip
+    hf = read_hf_config(path)
+    weight_dtype = _dtype_name(dtype) if dtype is not None else _checkpoint_dtype(hf, reader)
+    return _model_config(hf, str(path / "config.json"), reader, weight_dtype, compute_dtype, overrides)
 
 
 def write_hf(
@@ -319,6 +333,7 @@ __all__ = [
     "checkpoint_to_hf",
     "from_hf",
     "from_torch_state_dict",
+    "hf_model_config",
     "hf_to_checkpoint",
     "to_hf",
     "to_torch_state_dict",

@@ -118,8 +118,15 @@ def answer_batch(examples: list[Example], tokenizer: Any, row_multiple: int) -> 
         rows.append((tokens[:-1], tokens[1:], learned[1:]))
     length = max(len(inputs) for inputs, _, _ in rows)
     count = -(-len(rows) // row_multiple) * row_multiple
-    batch = {key: np.zeros((count, length), dtype) for key, dtype in
-             (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32), ("segment_ids", np.int32))}
+    batch = {
+        key: np.zeros((count, length), dtype)
+        for key, dtype in (
+            ("inputs", np.int32),
+            ("targets", np.int32),
+            ("loss_mask", np.float32),
+            ("segment_ids", np.int32),
+        )
+    }
     for row, (inputs, targets, mask) in enumerate(rows):
         n = len(inputs)
         batch["inputs"][row, :n], batch["targets"][row, :n], batch["loss_mask"][row, :n] = inputs, targets, mask

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from ring_jax.data.pipeline import make_dataset
 from ring_jax.sharding import make_mesh
+from ring_jax.train import init_from
 from ring_jax.train.checkpoint import Checkpointer
 from ring_jax.train.evaluate import Evaluator, make_evaluator
 from ring_jax.train.metrics import MetricsWriter, ProgressBar
@@ -109,6 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     `stop_at_step` (default: `train.stop_at_step`, 0 = none) ends this invocation early (with a checkpoint) without
     changing the schedule, which always spans `train.steps`; a later call continues from there.
     """
+    config, init_source = init_from.resolve(config)  # config.model follows checkpoint.init_from's weights
     model_config = validate(config)
     if stop_at_step is None and config.train.stop_at_step:
         stop_at_step = config.train.stop_at_step
@@ -127,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                                 keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
     latest = checkpointer.latest_step()
     if latest is None:
-        state = factory.init()
+        state = factory.init() if init_source is None else init_from.initial_state(factory, init_source)
     else:
         state = checkpointer.restore(latest, factory.abstract_with_shardings(), data_iterator)
         log.info("resumed from step %d", latest)

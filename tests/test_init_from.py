@@ -1,0 +1,100 @@
+"""checkpoint.init_from: a run starts from an HF folder, a from-hf output (or a hub id when online), with the model
+section of the weights, their exact values in the sharded train state, a fresh optimizer; bad sources fail naming
+the problem before anything is written."""
+
+from __future__ import annotations
+
+import socket
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from reference.hf_checkpoint import random_state_dict, tiny_hf_config, write_hf_checkpoint
+from support import TINY_MODEL, tiny_train_config
+
+from ring_jax.convert import from_hf, hf_to_checkpoint
+from ring_jax.data.sources import DataError
+from ring_jax.layers.moe import ExpertBias
+from ring_jax.sharding import make_mesh
+from ring_jax.train import init_from
+from ring_jax.train.init_from import InitFromError
+from ring_jax.train.loop import train
+from ring_jax.train.optim import make_optimizer
+from ring_jax.train.state import StateFactory, validate
+
+# The tiny training model's architecture as an HF config.json, with a narrower dense MLP and another RoPE base, so
+# that the run's model section visibly comes from the weights.
+HF_FIELDS = {**TINY_MODEL, "vocab_size": 272, "intermediate_size": 48, "rope_theta": 50000.0}
+
+
+def write_hf(directory, seed, **overrides):
+    config = tiny_hf_config(**{**HF_FIELDS, **overrides})
+    write_hf_checkpoint(directory, config, random_state_dict(config, seed=seed), num_shards=2)
+    return directory
+
+
+def initial_state(config):
+    config, source = init_from.resolve(config)
+    tx, _ = make_optimizer(config.optim, config.train.steps)
+    factory = StateFactory(validate(config), tx, make_mesh(config.mesh, use_all=True), seed=0)
+    return config, factory, init_from.initial_state(factory, source)
+
+
+def assert_same_weights(state, model):
+    _, params, expert_bias, _ = nnx.split(model, nnx.Param, ExpertBias, ...)
+    expected = jax.device_get((params, expert_bias))
+    got = jax.device_get((state.params, state.expert_bias))
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_hf_folder_and_from_hf_output_give_their_model_and_exact_weights(tmp_path, seed, capsys):
+    hf = write_hf(tmp_path / "hf", seed)
+    hf_to_checkpoint(hf, tmp_path / "ckpt", progress=False)
+    expected = from_hf(hf, progress=False)
+    for source in (hf, tmp_path / "ckpt"):
+        config, factory, state = initial_state(tiny_train_config(checkpoint__init_from=str(source)))
+        assert (config.model.intermediate_size, config.model.rope_theta, config.model.vocab_size) == (48, 5e4, 272)
+        assert "intermediate_size 64 -> 48" in capsys.readouterr().out
+        assert_same_weights(state, expected)
+        assert int(state.step) == 0
+        assert all(not np.any(leaf) for leaf in jax.tree.leaves(jax.device_get(state.opt_state)))
+        shardings = jax.tree.leaves(factory.shardings.params)
+        assert [leaf.sharding for leaf in jax.tree.leaves(state.params)] == shardings
+
+
+def test_model_fields_kept_by_overrides_must_still_fit_the_weights(tmp_path):
+    hf = write_hf(tmp_path / "hf", 0)
+    config, _, _ = initial_state(tiny_train_config(checkpoint__init_from=str(hf),
+                                                   checkpoint__init_from_overrides="rope_theta"))  # fmt: skip
+    assert (config.model.rope_theta, config.model.intermediate_size) == (10000.0, 48)  # a shapeless field kept
+    mismatch = tiny_train_config(checkpoint__init_from=str(hf), checkpoint__init_from_overrides="intermediate_size")
+    with pytest.raises(InitFromError, match=r"parameter pre_layers/0/mlp/down/kernel has shape \[48, 32\] in .*hf "
+                                            r"but shape \[64, 32\] for this config.model"):  # fmt: skip
+        initial_state(mismatch)
+    with pytest.raises(InitFromError, match="checkpoint.init_from_overrides: 'widht' is not a config.model field"):
+        init_from.resolve(tiny_train_config(checkpoint__init_from=str(hf), checkpoint__init_from_overrides="widht"))
+
+
+def test_bad_sources_fail_before_anything_is_written(tmp_path, monkeypatch):
+    small_vocab = write_hf(tmp_path / "small", 0, vocab_size=200)
+    with pytest.raises(DataError, match=r"data.tokenizer: 'bytes' has 259 tokens but model.vocab_size=200"):
+        train(tiny_train_config(checkpoint__init_from=str(small_vocab)), str(tmp_path / "run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InitFromError, match=r"checkpoint.init_from: .*empty is neither an HF folder"):
+        train(tiny_train_config(checkpoint__init_from=str(tmp_path / "empty")), str(tmp_path / "run"))
+    with pytest.raises(InitFromError, match=r"'nowhere/x.y/z' is not a directory \(nor an HF hub id"):
+        train(tiny_train_config(checkpoint__init_from="nowhere/x.y/z"), str(tmp_path / "run"))
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    offline = r"cannot download 'someone/ring-model' from the Hugging Face hub .*`hf download someone/ring-model"
+    with pytest.raises(InitFromError, match=offline + " --local-dir ring-model`"):
+        train(tiny_train_config(checkpoint__init_from="someone/ring-model"), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
