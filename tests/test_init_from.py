@@ -4,6 +4,7 @@ the problem before anything is written."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import jax
@@ -98,3 +99,28 @@ def test_bad_sources_fail_before_anything_is_written(tmp_path, monkeypatch):
     with pytest.raises(InitFromError, match=offline + " --local-dir ring-model`"):
         train(tiny_train_config(checkpoint__init_from="someone/ring-model"), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def read_hf_dir(directory):
+    from safetensors.numpy import load_file
+
+    return {name: array for file in sorted(directory.glob("*.safetensors")) for name, array in load_file(file).items()}
+
+
+def test_hf_weights_survive_training_at_learning_rate_zero_and_export_bit_identical(tmp_path, seed):
+    """HF folder -> train (learning rate 0, no expert-bias updates) -> HF exports during training: same bytes."""
+    hf = write_hf(tmp_path / "hf", seed)
+    (hf / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    config = tiny_train_config(checkpoint__init_from=str(hf), optim__learning_rate=0.0, optim__bias_update_rate=0.0,
+                               train__steps=4, checkpoint__hf_export_every=2, checkpoint__keep=1)  # fmt: skip
+    result = train(config, str(tmp_path / "run"))
+    assert result.final_step == 4 and all(np.isfinite(list(result.losses.values())))
+    exports = tmp_path / "run" / "hf"
+    assert sorted(path.name for path in exports.iterdir()) == ["step_4"], "checkpoint.keep=1 export kept"
+    source, exported = read_hf_dir(hf), read_hf_dir(exports / "step_4")
+    assert sorted(exported) == sorted(source)
+    for name, array in source.items():
+        assert exported[name].dtype == array.dtype and exported[name].tobytes() == array.tobytes(), name
+    written = json.loads((exports / "step_4" / "config.json").read_text())
+    assert (written["eos_token_id"], written["intermediate_size"], written["torch_dtype"]) == (60, 48, "float32")
+    assert (exports / "step_4" / "tokenizer_config.json").read_text() == '{"eos_token": "<eos>"}'

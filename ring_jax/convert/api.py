@@ -168,7 +168,7 @@ def to_hf(
     like: an HF directory or ring_jax checkpoint whose inert config fields (token ids, auto_map, …) and
     tokenizer files are carried over.
     """
-    passthrough, assets = _like(like)
+    passthrough, assets = carried_over(like)
     with ckpt.atomic_directory(path, overwrite=overwrite) as tmp:
         write_hf(
             model_tensors(model, _dtype_name(dtype) if dtype is not None else None),
@@ -181,7 +181,9 @@ def to_hf(
         )
 
 
-def _like(like: str | Path | None) -> tuple[dict, Path | None]:
+def carried_over(like: str | Path | None) -> tuple[dict, Path | None]:
+    """(inert config.json fields, folder of tokenizer / generation / remote-code files) of an HF directory or a
+    ring_jax model checkpoint, for an export to carry over; ({}, None) for None."""
     if like is None:
         return {}, None
     like = Path(like)
@@ -211,7 +213,7 @@ def hf_to_checkpoint(
     src = Path(src)
     ckpt.refuse_existing(dst, overwrite)  # before the (long) load, not after it
     model = from_hf(src, dtype, overrides=overrides, mesh=mesh, progress=progress)
-    passthrough, _ = _like(src)
+    passthrough, _ = carried_over(src)
     with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
         ckpt.save_checkpoint(model, tmp, passthrough)
         (tmp / ckpt.ASSETS_DIR).mkdir()
@@ -237,7 +239,7 @@ def checkpoint_to_hf(
     config, tensors = ckpt.checkpoint_tensors(
         src, dtype=_dtype_name(dtype) if dtype is not None else None, batch_bytes=shard_bytes
     )
-    passthrough, assets = _like(src)
+    passthrough, assets = carried_over(src)
     with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
         write_hf(
             tensors,

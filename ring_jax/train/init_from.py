@@ -99,6 +99,23 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
+def local_path(spec: str) -> Path | None:
+    """The folder `checkpoint.init_from` names on this machine, without downloading: the path itself, or a hub id's
+    cached snapshot; None when neither is here."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if not HUB_ID.fullmatch(spec):
+        return None
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(spec, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, InitSource | None]:
     """(config with config.model taken from the init_from source as the module docstring says, the source); the
     config unchanged and None without `checkpoint.init_from`."""

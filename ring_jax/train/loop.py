@@ -23,6 +23,7 @@ from ring_jax.sharding import make_mesh
 from ring_jax.train import init_from
 from ring_jax.train.checkpoint import Checkpointer
 from ring_jax.train.evaluate import Evaluator, make_evaluator
+from ring_jax.train.export import make_exporter
 from ring_jax.train.metrics import MetricsWriter, ProgressBar
 from ring_jax.train.optim import make_optimizer
 from ring_jax.train.state import StateFactory, validate
@@ -125,6 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     tx, _ = make_optimizer(config.optim, train_cfg.steps)
     factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed)
     evaluator = make_evaluator(factory, config)  # held-out data checked before anything compiles
+    exporter = make_exporter(workdir, config, model_config)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_n_steps=ckpt_cfg.every_n_steps,
                                 keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
     latest = checkpointer.latest_step()
@@ -201,10 +203,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 batch = global_batch(next(data_iterator), batch_sharding)
                 state, metrics = train_step(state, batch)
                 step += 1
+                paused = time.perf_counter()
                 if evaluator is not None and evaluator.due(step):
-                    eval_start = time.perf_counter()
                     _evaluate(evaluator, step, state, writer)
-                    window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
+                if exporter is not None and exporter.due(step):
+                    exporter.export(step, state)
+                window_start += time.perf_counter() - paused  # tokens/s counts the training steps only
                 if pending is not None:
                     finish_step(*pending)
                 pending = (step, metrics)
