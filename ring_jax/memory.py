@@ -161,25 +161,31 @@ def table(configs: dict[str, ml_collections.ConfigDict], devices: Sequence[int])
 
 
 def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned markdown table (what the README shows)."""
     accelerators = list(ACCELERATORS)
-    header = ["model", "mesh", "weights+grads+adam", "compute copy", "act/row none|full", *accelerators]
+    pair = lambda values: " / ".join(values)  # noqa: E731  (remat none / full)
+    header = ["model", "mesh", "weights+grads+adam", "compute copy", "activations per row", *accelerators]
     lines = [header]
     for row in rows:
-        fits = [
-            "|".join(str(row["rows_that_fit"][a][remat] or "-") for remat in ("none", "full")) for a in accelerators
-        ]
         lines.append([
             row["model"],
             row["mesh"],
             f"{(row['weights'] + row['gradients'] + row['adam']) / GB:.1f} GB",
             f"{row['compute'] / GB:.1f} GB",
-            "|".join(f"{row['activations_per_row'][remat] / GB:.1f}" for remat in ("none", "full")) + " GB",
-            *fits,
+            pair(f"{row['activations_per_row'][remat] / GB:.1f}" for remat in ("none", "full")) + " GB",
+            *(pair(str(row["rows_that_fit"][a][remat] or "-") for remat in ("none", "full")) for a in accelerators),
         ])  # fmt: skip
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    text = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
-    text.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(text)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    lines.insert(1, ["-" * width for width in widths])
+    return "\n".join("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |"
+                     for line in lines)  # fmt: skip
+
+
+NOTE = (
+    f"Per device, training with AdamW and fp32 master weights. Accelerator columns: micro-batch rows of seq_len tokens "
+    f"per device that fit in {USABLE_FRACTION:.0%} of its memory with model.remat_policy none / full ('-': not even "
+    f"one row; up to 64 tried). JAX takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised, e.g. to .95."
+)
 
 
 def main() -> None:
@@ -196,11 +202,7 @@ def main() -> None:
             print(json.dumps(rows, indent=1))
             return
         print(format_table(rows))
-        print(
-            f"\nPer device. Accelerator columns: micro-batch rows of seq_len tokens per device that fit in "
-            f"{USABLE_FRACTION:.0%} of its memory with model.remat_policy none|full ('-': not even one row; up to "
-            f"64 tried). JAX takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised, e.g. to 0.95."
-        )
+        print(f"\n{NOTE}")
 
     app.run(run)
 
