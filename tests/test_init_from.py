@@ -8,13 +8,16 @@ import json
 import socket
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 from reference.hf_checkpoint import random_state_dict, tiny_hf_config, write_hf_checkpoint
+from safetensors.numpy import load_file
 from support import TINY_MODEL, tiny_train_config
 
 from ring_jax.convert import from_hf, hf_to_checkpoint
+from ring_jax.convert.__main__ import main as cli_main
 from ring_jax.data.sources import DataError
 from ring_jax.layers.moe import ExpertBias
 from ring_jax.sharding import make_mesh
@@ -102,25 +105,62 @@ def test_bad_sources_fail_before_anything_is_written(tmp_path, monkeypatch):
 
 
 def read_hf_dir(directory):
-    from safetensors.numpy import load_file
-
     return {name: array for file in sorted(directory.glob("*.safetensors")) for name, array in load_file(file).items()}
 
 
-def test_hf_weights_survive_training_at_learning_rate_zero_and_export_bit_identical(tmp_path, seed):
-    """HF folder -> train (learning rate 0, no expert-bias updates) -> HF exports during training: same bytes."""
+def assert_same_tensors(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for name, array in expected.items():
+        assert actual[name].dtype == array.dtype and actual[name].tobytes() == array.tobytes(), name
+
+
+@pytest.mark.slow
+def test_hf_weights_survive_training_at_learning_rate_zero_and_export_bit_identical(tmp_path, seed, capsys):
+    """HF folder -> train (learning rate 0, no expert-bias updates) -> HF exports during training and `to-hf` of the
+    workdir's steps: the same bytes; a new run started from the workdir holds the same weights again."""
     hf = write_hf(tmp_path / "hf", seed)
     (hf / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
     config = tiny_train_config(checkpoint__init_from=str(hf), optim__learning_rate=0.0, optim__bias_update_rate=0.0,
-                               train__steps=4, checkpoint__hf_export_every=2, checkpoint__keep=1)  # fmt: skip
+                               train__steps=4, checkpoint__hf_export_every=2, checkpoint__keep=2)  # fmt: skip
     result = train(config, str(tmp_path / "run"))
     assert result.final_step == 4 and all(np.isfinite(list(result.losses.values())))
-    exports = tmp_path / "run" / "hf"
-    assert sorted(path.name for path in exports.iterdir()) == ["step_4"], "checkpoint.keep=1 export kept"
-    source, exported = read_hf_dir(hf), read_hf_dir(exports / "step_4")
-    assert sorted(exported) == sorted(source)
+    source = read_hf_dir(hf)
+    assert sorted(path.name for path in (tmp_path / "run" / "hf").iterdir()) == ["step_2", "step_4"]
+    for step in (2, 4):
+        assert cli_main(["to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / f"out{step}"), "--step",
+                         str(step), "--max-shard-size", "20KB", "--no-progress"]) == 0  # fmt: skip
+        assert f"step {step} of {tmp_path / 'run'}: wrote" in capsys.readouterr().out
+    for exported in (tmp_path / "run" / "hf" / "step_2", tmp_path / "run" / "hf" / "step_4", tmp_path / "out2",
+                     tmp_path / "out4"):  # fmt: skip
+        assert_same_tensors(read_hf_dir(exported), source)
+        written = json.loads((exported / "config.json").read_text())
+        assert (written["eos_token_id"], written["intermediate_size"], written["torch_dtype"]) == (60, 48, "float32")
+        assert (exported / "tokenizer_config.json").read_text() == '{"eos_token": "<eos>"}'
+    assert (tmp_path / "out4" / "model.safetensors.index.json").is_file(), "several shards of at most 20 KB"
+
+    # --dtype: bfloat16 tensors (expert biases stay fp32), latest step by default.
+    assert cli_main(["to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "bf16"), "--dtype", "bfloat16",
+                     "--no-progress"]) == 0  # fmt: skip
+    bf16 = read_hf_dir(tmp_path / "bf16")
     for name, array in source.items():
-        assert exported[name].dtype == array.dtype and exported[name].tobytes() == array.tobytes(), name
-    written = json.loads((exports / "step_4" / "config.json").read_text())
-    assert (written["eos_token_id"], written["intermediate_size"], written["torch_dtype"]) == (60, 48, "float32")
-    assert (exports / "step_4" / "tokenizer_config.json").read_text() == '{"eos_token": "<eos>"}'
+        expected = array if name.endswith("expert_bias") else array.astype(ml_dtypes.bfloat16)
+        assert bf16[name].dtype == expected.dtype and bf16[name].tobytes() == expected.tobytes(), name
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+    # Another run starting from this workdir takes its model and (latest) weights.
+    config, _, state = initial_state(tiny_train_config(checkpoint__init_from=str(tmp_path / "run")))
+    assert config.model.intermediate_size == 48
+    assert_same_weights(state, from_hf(hf, progress=False))
+
+
+def test_export_and_init_from_a_workdir_without_a_complete_checkpoint_fail_naming_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".3.orbax-checkpoint-tmp-0").mkdir(parents=True)  # a save killed midway
+    (run / "config.json").write_text(tiny_train_config().to_json())
+    assert cli_main(["to-hf", "--src", str(run), "--dst", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert f"{run / 'checkpoints'}: no complete checkpoint" in capsys.readouterr().err
+    with pytest.raises(InitFromError, match="checkpoint.init_from: .*checkpoints: no complete checkpoint"):
+        initial_state(tiny_train_config(checkpoint__init_from=str(run)))
+    assert cli_main(["to-hf", "--src", str(tmp_path), "--dst", str(tmp_path / "out"), "--step", "3"]) == 1
+    assert "--step needs a training workdir" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]

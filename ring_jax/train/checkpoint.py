@@ -6,14 +6,23 @@ leaves the previous checkpoint as the latest complete one; leftover temporaries 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
+from typing import NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from ring_jax.config import ModelConfig
+from ring_jax.layers.moe import ExpertBias
+from ring_jax.model import abstract_model
+from ring_jax.sharding import state_shardings
 from ring_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -84,3 +93,100 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The weights of a training workdir, without the optimizer state.
+
+CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/{state,data}
+CONFIG_FILE = "config.json"  # WORKDIR/config.json: the resolved training config
+
+
+class RestoredParams(NamedTuple):
+    """step: the checkpoint's step; config: the workdir's training config; params / expert_bias: nnx.States."""
+
+    step: int
+    config: ml_collections.ConfigDict
+    params: nnx.State
+    expert_bias: nnx.State
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a training workdir (a checkpoints/ folder and the run's config.json)."""
+    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a run saved as WORKDIR/config.json; FileNotFoundError / ValueError naming the file."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is {os.fspath(workdir)!r} a training workdir?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        raise ValueError(f"{path}: expected a training config with a 'model' section")
+    return ml_collections.ConfigDict(values)
+
+
+def saved_step(workdir: str | os.PathLike, step: int | None = None) -> int:
+    """`step` (default: the latest) among the complete checkpoints of WORKDIR/checkpoints (a save killed midway is
+    never one); FileNotFoundError naming the directory when there is none or `step` is not saved."""
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    missing = f"{directory}: no complete checkpoint (train first, or wait for a save to finish)"
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(missing)
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(directory, options=options, item_names=("state", "data")) as manager:
+        steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(missing)
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (saved steps: {steps})")
+    return steps[-1] if step is None else step
+
+
+def state_directory(workdir: str | os.PathLike, step: int) -> Path:
+    """The Orbax item directory holding the train state of a saved step."""
+    return Path(workdir).absolute() / CHECKPOINT_DIR / str(step) / "state"
+
+
+def stored_keys(params: nnx.State) -> dict[tuple, tuple[str, ...]]:
+    """{model path: key path in a training checkpoint's state item} of every Param and ExpertBias leaf of `params`
+    (a persistent model state): the TrainState field, the variable's path, its value's attribute."""
+    keys = {}
+    for path, variable in nnx.to_flat_state(params):
+        field = "expert_bias" if isinstance(variable, ExpertBias) else "params"
+        (inner, _), = jax.tree_util.tree_flatten_with_path(variable)[0]  # the variable's value leaf, e.g. ('value',)
+        keys[path] = (field, *map(str, path), *(str(getattr(k, "name", getattr(k, "key", k))) for k in inner))
+    return keys
+
+
+def restore_params(workdir: str | os.PathLike, step: int | None = None, *,
+                   mesh: jax.sharding.Mesh | None = None) -> RestoredParams:  # fmt: skip
+    """Only the params and expert biases of a saved step (default: the latest complete one), each leaf restored
+    straight into its sharding on `mesh` (by its logical axis names), or onto the default device."""
+    config = read_workdir_config(workdir)
+    step = saved_step(workdir, step)
+    model_config = ModelConfig.from_config(config.model)
+    _, params, expert_bias, _ = nnx.split(abstract_model(model_config), nnx.Param, ExpertBias, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def placed(tree: nnx.State) -> nnx.State:  # each variable's value: its ShapeDtypeStruct with its sharding
+        shardings = jax.tree.map(lambda _: device, tree, is_leaf=is_variable) if mesh is None else \
+            state_shardings(tree, mesh)  # fmt: skip
+        return jax.tree.map(lambda v, sharding: v.replace(jax.ShapeDtypeStruct(v.get_value().shape,
+                                                                               v.get_value().dtype, sharding=sharding)),
+                            tree, shardings, is_leaf=is_variable)  # fmt: skip
+
+    target = {"params": placed(params), "expert_bias": placed(expert_bias)}
+    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            state_directory(workdir, step),
+            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+        )
+    return RestoredParams(step, config, restored["params"], restored["expert_bias"])

@@ -24,12 +24,19 @@ import ml_collections
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.convert.api import DEFAULT_MAX_SHARD_SIZE, carried_over, write_hf
-from ring_jax.convert.checkpoint import atomic_directory
+from ring_jax.convert.api import DEFAULT_MAX_SHARD_SIZE, carried_over, parse_size, write_hf
+from ring_jax.convert.checkpoint import CheckpointLeaves, atomic_directory, refuse_existing
 from ring_jax.convert.safetensors_io import PlannedTensor, copy_assets
-from ring_jax.convert.transfer import export_tensors, split_abstract
+from ring_jax.convert.transfer import export_tensors, model_plan, split_abstract
 from ring_jax.errors import ConfigError
 from ring_jax.train import init_from
+from ring_jax.train.checkpoint import (
+    is_workdir,
+    read_workdir_config,
+    saved_step,
+    state_directory,
+    stored_keys,
+)
 from ring_jax.train.state import TrainState
 
 HF_EXPORT_DIR = "hf"  # in the workdir: hf/step_N
@@ -46,6 +53,8 @@ def run_extras(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], list[
         if source is None:
             log.warning("checkpoint.init_from=%r is not on this machine: the export carries no token ids or files "
                         "from it", config.checkpoint.init_from)  # fmt: skip
+        elif is_workdir(source):  # fine-tuned from another run: what that run carried
+            passthrough, folders = run_extras(read_workdir_config(source))
         else:
             passthrough, assets = carried_over(source)
             folders += [assets] if assets is not None else []
@@ -117,6 +126,33 @@ class HFExporter:
             shutil.rmtree(old)
         print(f"export: wrote step {step} to {dst}", flush=True)
         return dst
+
+
+def workdir_to_hf(
+    workdir: str | Path,
+    dst: str | Path,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> int:
+    """Writes a saved step of a training workdir (default: the latest complete one) as an HF directory; returns the
+    step. Streams: about one shard's worth of leaves is read from the checkpoint at a time."""
+    refuse_existing(dst, overwrite)
+    config = read_workdir_config(workdir)
+    step = saved_step(workdir, step)
+    model_config = ModelConfig.from_config(config.model)
+    _, persistent, _ = split_abstract(model_config)
+    abstract = {path: variable.get_value() for path, variable in nnx.to_flat_state(persistent)}
+    batch_bytes = parse_size(max_shard_size)
+    leaves = CheckpointLeaves(state_directory(workdir, step), abstract, list(model_plan(model_config, persistent)),
+                              batch_bytes, stored_keys(persistent).__getitem__)  # fmt: skip
+    tensors = export_tensors(model_config, persistent, leaves, dtype=dtype, order="leaf")
+    write_export(tensors, model_config, dst, config, max_shard_size=batch_bytes, overwrite=overwrite,
+                 progress=progress)  # fmt: skip
+    return step
 
 
 def make_exporter(workdir: str, config: ml_collections.ConfigDict, model_config: ModelConfig) -> HFExporter | None:

@@ -4,6 +4,7 @@ straight into the sharded train state (no leaf is ever whole on one device unles
 What `checkpoint.init_from` may name:
 - an HF folder (config.json + safetensors, e.g. the released Ring-mini-linear-2.0): tensors streamed onto the mesh;
 - a `python -m ring_jax.convert from-hf` output (ring_jax_model.json + Orbax state): restored into the shardings;
+- another run's workdir: the parameters and expert biases of its latest complete checkpoint (not its optimizer);
 - an HF hub id (`owner/name`) when no such folder exists: downloaded with huggingface_hub (offline: an error
   saying what to download).
 
@@ -33,6 +34,7 @@ from ring_jax.convert.safetensors_io import CheckpointError, SafetensorsReader
 from ring_jax.convert.transfer import load_state, split_abstract
 from ring_jax.errors import RingJaxError
 from ring_jax.layers.moe import ExpertBias
+from ring_jax.train.checkpoint import is_workdir, read_workdir_config, restore_params
 from ring_jax.train.state import StateFactory, TrainState
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -46,7 +48,8 @@ class InitFromError(RingJaxError):
 
 @dataclasses.dataclass(frozen=True)
 class InitSource:
-    """kind: 'hf' (config.json + safetensors) or 'ring_jax' (a from-hf output); path: its local directory."""
+    """kind: 'hf' (config.json + safetensors), 'ring_jax' (a from-hf output) or 'workdir' (a training run);
+    path: its local directory."""
 
     kind: str
     path: Path
@@ -56,11 +59,13 @@ class InitSource:
         """The model the weights were saved for."""
         if self.kind == "hf":
             return hf_model_config(self.path)
+        if self.kind == "workdir":
+            return ModelConfig.from_config(read_workdir_config(self.path).model)
         return model_checkpoint.checkpoint_config(self.path)
 
     def model_fields(self) -> dict[str, Any]:
         """The config.model fields that come from the source: HF fields, and ring_jax's architecture fields when the
-        source is a ring_jax checkpoint (HF config.json has none)."""
+        source is a ring_jax checkpoint or workdir (HF config.json has none)."""
         kinds = ("hf",) if self.kind == "hf" else ("hf", "architecture")
         values = self.model_config.to_dict()
         return {name: values[name] for name, field in model_fields().items() if field.metadata["kind"] in kinds}
@@ -72,11 +77,14 @@ def locate(spec: str) -> InitSource:
     if path.is_dir():
         if (path / model_checkpoint.METADATA_FILE).is_file():
             return InitSource("ring_jax", path)
+        if is_workdir(path):
+            return InitSource("workdir", path)
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             return InitSource("hf", path)
         raise InitFromError(
-            f"checkpoint.init_from: {path} is neither an HF folder (config.json + *.safetensors) nor "
-            f"a `python -m ring_jax.convert from-hf` output ({model_checkpoint.METADATA_FILE})"
+            f"checkpoint.init_from: {path} is not an HF folder (config.json + *.safetensors), a "
+            f"`python -m ring_jax.convert from-hf` output ({model_checkpoint.METADATA_FILE}) or a training workdir "
+            f"(checkpoints/ + config.json)"
         )
     if HUB_ID.fullmatch(spec) and not path.exists():
         return InitSource("hf", download(spec))
@@ -148,13 +156,22 @@ def initial_state(factory: StateFactory, source: InitSource) -> TrainState:
     """A step-0 train state holding the source's parameters and expert biases, in the factory's shardings."""
     check_shapes(source, factory.model_config)
     try:
-        if source.kind == "hf":
-            model = load_state(SafetensorsReader(source.path), factory.model_config, mesh=factory.mesh)
+        if source.kind == "workdir":
+            restored = restore_params(source.path, mesh=factory.mesh)
+            # The run's own dtypes (model.param_dtype may differ from the source run's); expert biases stay fp32.
+            params, expert_bias = jax.tree.map(
+                lambda leaf, like: leaf.astype(like.dtype),
+                (restored.params, restored.expert_bias),
+                (factory.abstract_state.params, factory.abstract_state.expert_bias),
+            )
         else:
-            model = model_checkpoint.load_checkpoint(source.path, mesh=factory.mesh, config=factory.model_config)
-    except CheckpointError as e:
+            if source.kind == "hf":
+                model = load_state(SafetensorsReader(source.path), factory.model_config, mesh=factory.mesh)
+            else:
+                model = model_checkpoint.load_checkpoint(source.path, mesh=factory.mesh, config=factory.model_config)
+            _, params, expert_bias, _ = nnx.split(model, nnx.Param, ExpertBias, ...)
+    except (CheckpointError, FileNotFoundError) as e:
         raise InitFromError(f"checkpoint.init_from: {e}") from None
-    _, params, expert_bias, _ = nnx.split(model, nnx.Param, ExpertBias, ...)
     return factory.from_params(params, expert_bias)
 
 
