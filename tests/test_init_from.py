@@ -5,7 +5,9 @@ the problem before anything is written."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
 
 import jax
 import ml_dtypes
@@ -14,7 +16,7 @@ import pytest
 from flax import nnx
 from reference.hf_checkpoint import random_state_dict, tiny_hf_config, write_hf_checkpoint
 from safetensors.numpy import load_file
-from support import TINY_MODEL, tiny_train_config
+from support import TINY_MODEL, ChildProcess, tiny_train_config
 
 from ring_jax.convert import from_hf, hf_to_checkpoint
 from ring_jax.convert.__main__ import main as cli_main
@@ -164,3 +166,58 @@ def test_export_and_init_from_a_workdir_without_a_complete_checkpoint_fail_namin
     assert cli_main(["to-hf", "--src", str(tmp_path), "--dst", str(tmp_path / "out"), "--step", "3"]) == 1
     assert "--step needs a training workdir" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+MESH_SCRIPT = """
+import json, sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+import jax, numpy as np
+from flax import nnx
+from reference.hf_checkpoint import random_state_dict, tiny_hf_config, write_hf_checkpoint
+from support import tiny_train_config
+from ring_jax.convert import from_hf, hf_to_checkpoint
+from ring_jax.layers.moe import ExpertBias
+from ring_jax.sharding import make_mesh
+from ring_jax.train import init_from
+from ring_jax.train.optim import make_optimizer
+from ring_jax.train.state import StateFactory, validate
+work, fields = Path(sys.argv[1]), json.loads(sys.argv[2])
+hf_config = tiny_hf_config(**fields)
+write_hf_checkpoint(work / "hf", hf_config, random_state_dict(hf_config, seed=3), num_shards=2)
+hf_to_checkpoint(work / "hf", work / "ckpt", progress=False)
+_, params, bias, _ = nnx.split(from_hf(work / "hf", progress=False), nnx.Param, ExpertBias, ...)
+expected = jax.device_get((params, bias))
+out = {}
+for source in ("hf", "ckpt"):
+    config = tiny_train_config(checkpoint__init_from=str(work / source), mesh__fsdp=2, mesh__tensor=2)
+    config, found = init_from.resolve(config)
+    tx, _ = make_optimizer(config.optim, config.train.steps)
+    factory = StateFactory(validate(config), tx, make_mesh(config.mesh, use_all=True), seed=0)
+    state = init_from.initial_state(factory, found)
+    got = jax.tree.leaves((state.params, state.expert_bias))
+    out[source] = {
+        "same_values": all(np.asarray(a).tobytes() == b.tobytes() for a, b in zip(got, jax.tree.leaves(expected))),
+        "same_shardings": [leaf.sharding for leaf in got] == jax.tree.leaves((factory.shardings.params,
+                                                                               factory.shardings.expert_bias)),
+        "embedding": list(state.params["embed"]["embedding"].get_value().sharding.spec),
+        "split_leaves": sum(len(leaf.sharding.device_set) == 4 and not leaf.sharding.is_fully_replicated
+                            for leaf in got),
+    }
+print(json.dumps(out))
+"""
+
+
+def test_weights_land_in_their_shards_on_a_mesh(tmp_path):
+    """4 CPU devices, fsdp=2 x tensor=2: every leaf of the initial state has the train state's sharding and the
+    source's exact values, from an HF folder and from a from-hf output."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    with ChildProcess([sys.executable, "-c", MESH_SCRIPT, str(tmp_path), json.dumps(HF_FIELDS)], env=env,
+                      log_file=tmp_path / "mesh.log", timeout_s=600) as child:  # fmt: skip
+        output = child.finish()
+    assert child.returncode == 0, output[-3000:]
+    result = json.loads(output.strip().splitlines()[-1])
+    for source in ("hf", "ckpt"):
+        assert result[source]["same_values"] and result[source]["same_shardings"], result
+        assert result[source]["embedding"] == ["tensor", "fsdp"]
+        assert result[source]["split_leaves"] > 10
