@@ -105,6 +105,10 @@ class ModelConfig:
         1, "δ in the lightning layer factor 1 − (l − δ)/(L − 1) + 1e−5: 1 = HF remote code, 0 = SGLang/vLLM"
     )
     # --- runtime choices: the same function, computed or trained differently ---
+    attention_layout: str = _architecture(
+        "hybrid", "hybrid: the Ring-linear layer plan; softmax: every layer GQA softmax of the same sizes (baseline)",
+        choices=("hybrid", "softmax"),
+    )
     mtp_loss_scaling_factor: float = _runtime(0.1, "weight of the MTP loss (with num_nextn_predict_layers > 0)")
     dtype: str = _runtime("float32", "compute dtype", choices=SUPPORTED_DTYPES)
     param_dtype: str = _runtime("float32", "parameter (master weight) dtype", choices=SUPPORTED_DTYPES)
@@ -184,7 +188,10 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def is_softmax_layer(self, layer: int) -> bool:
-        """Every G-th layer is softmax attention, and so is every tail layer past the last full group."""
+        """Every G-th layer is softmax attention, and so is every tail layer past the last full group (all of them
+        with attention_layout="softmax")."""
+        if self.attention_layout == "softmax":
+            return True
         group = self.layer_group_size
         return (layer + 1) % group == 0 or layer >= (self.num_hidden_layers // group) * group
 

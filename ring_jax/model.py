@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax.config import ModelConfig
-from ring_jax.layers.attention import KVCache, LayerInputs, SoftmaxAttention
+from ring_jax.layers.attention import KVCache, LayerInputs, SoftmaxAttention, check_cache_room
 from ring_jax.layers.lightning import LightningAttention
 from ring_jax.layers.linear import Embed, Linear
 from ring_jax.layers.mlp import SwiGLU
@@ -101,24 +101,30 @@ class DecoderLayer(nnx.Module):
 
 
 class LayerCycle(nnx.Module):
-    """G−1 lightning MoE layers followed by one softmax MoE layer."""
+    """G−1 lightning MoE layers followed by one softmax MoE layer (G softmax layers with attention_layout="softmax")."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        group = config.layer_group_size
+        # Cycles start at multiples of G, so position j in a cycle has layer j's attention kind.
         self.layers = nnx.List(
-            [DecoderLayer(config, softmax=j == group - 1, moe=True, rngs=rngs) for j in range(group)]
+            [
+                DecoderLayer(config, softmax=config.is_softmax_layer(j), moe=True, rngs=rngs)
+                for j in range(config.layer_group_size)
+            ]
         )
 
     def __call__(
         self, x: jax.Array, inputs: LayerInputs, layer_indices: jax.Array, caches: tuple[LayerCache, ...]
-    ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[RouterStats, ...]]:
-        """layer_indices [group] int32 (HF indices of this cycle's layers; they set the lightning decay)."""
-        new_caches, stats = [], []
+    ) -> tuple[jax.Array, tuple[LayerCache, ...], tuple[RouterStats, ...], tuple[jax.Array, ...]]:
+        """layer_indices [group] int32 (HF indices of this cycle's layers; they set the lightning decay).
+
+        Returns x, the updated caches, router stats, and the residual stream after each layer."""
+        new_caches, stats, layer_outputs = [], [], []
         for j, layer in enumerate(self.layers):
             x, cache, layer_stats = layer(x, inputs, layer_indices[j], caches[j])
             new_caches.append(cache)
             stats.append(layer_stats)
-        return x, tuple(new_caches), tuple(stats)
+            layer_outputs.append(x)
+        return x, tuple(new_caches), tuple(stats), tuple(layer_outputs)
 
 
 class MTPLayer(nnx.Module):
@@ -152,12 +158,20 @@ class MTPLayer(nnx.Module):
 
 class ModelCache(NamedTuple):
     """The hybrid cache: per-layer caches of the pre layers, the stacked cycles ([num_cycles, ...] leaves, one
-    entry per position in the cycle) and the post layers, plus the number of tokens already cached."""
+    entry per position in the cycle) and the post layers; `length` int32 scalar, the slots already filled (the
+    same for every row); `left_padding` [batch] int32, the slots of each row that hold left padding."""
 
     pre: tuple[LayerCache, ...]
     cycles: tuple[LayerCache, ...]
     post: tuple[LayerCache, ...]
     length: jax.Array
+    left_padding: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        """Slots of the KV caches (every configuration has at least one softmax layer)."""
+        kv = next(c for c in (*self.pre, *self.cycles, *self.post) if isinstance(c, KVCache))
+        return kv.keys.shape[-3]
 
 
 class ModelOutput(NamedTuple):
@@ -165,7 +179,8 @@ class ModelOutput(NamedTuple):
     the final norm: the lm_head input); cache (or None); expert_load [num_moe_layers, num_experts] fp32 in HF layer
     order; router_z_loss scalar fp32 (mean over MoE layers); mtp_hidden_states: one [batch, seq, hidden] lm_head
     input per MTP depth d (position t predicts token t + d + 1); mtp_logits: their [batch, seq, vocab] fp32 logits
-    (empty with compute_logits=False)."""
+    (empty with compute_logits=False); layer_states: with output_layer_states=True, the residual stream
+    [batch, seq, hidden] after each decoder layer in HF layer order (else empty)."""
 
     logits: jax.Array | None
     hidden_states: jax.Array
@@ -174,6 +189,13 @@ class ModelOutput(NamedTuple):
     router_z_loss: jax.Array
     mtp_hidden_states: tuple[jax.Array, ...]
     mtp_logits: tuple[jax.Array, ...]
+    layer_states: tuple[jax.Array, ...] = ()
+
+
+def left_padding_segments(left_padding: jax.Array, seq: int) -> jax.Array:
+    """[batch] pad counts -> [batch, seq] int32 segment ids, 0 on the left padding and 1 on the tokens: the
+    no-cache `forward` of a left-padded batch then computes each row as if its prompt were alone."""
+    return (jnp.arange(seq)[None, :] >= jnp.asarray(left_padding)[:, None]).astype(jnp.int32)
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -225,8 +247,24 @@ class RingLinearModel(nnx.Module):
         return self.forward(tokens).logits
 
     # ----------------------------------------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_length: int, kv_dtype: jnp.dtype | None = None) -> ModelCache:
-        """An empty hybrid cache: fp32 lightning states, KV caches of `max_length` tokens (compute dtype)."""
+    def init_cache(
+        self,
+        batch: int,
+        max_length: int,
+        kv_dtype: jnp.dtype | None = None,
+        *,
+        left_padding: jax.Array | None = None,
+    ) -> ModelCache:
+        """An empty hybrid cache: fp32 lightning states, KV caches of `max_length` tokens (compute dtype).
+
+        left_padding [batch] int: how many leading tokens of each row's prompt are padding (left-padded batches of
+        prompts of different lengths). Padding enters no lightning state and no attention, and positions start at
+        0 at each row's first real token, so a padded row computes what the same prompt computes alone."""
+        if left_padding is None:
+            left_padding = jnp.zeros((batch,), jnp.int32)
+        left_padding = jnp.asarray(left_padding, jnp.int32)
+        if left_padding.shape != (batch,):
+            raise ValueError(f"left_padding: expected shape ({batch},), got {left_padding.shape}")
         config = self.config
         kv_dtype = kv_dtype or config.compute_dtype
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -247,6 +285,7 @@ class RingLinearModel(nnx.Module):
             cycles=cycles,
             post=tuple(layer_cache(i) for i in plan.post),
             length=jnp.zeros((), jnp.int32),
+            left_padding=left_padding,
         )
 
     def forward(
@@ -258,36 +297,48 @@ class RingLinearModel(nnx.Module):
         cache: ModelCache | None = None,
         token_mask: jax.Array | None = None,
         compute_logits: bool = True,
+        output_layer_states: bool = False,
     ) -> ModelOutput:
-        """tokens [batch, seq] int; positions [batch, seq] (default: restart per segment, or continue the cache);
-        segment_ids [batch, seq] for packed documents (attention and lightning state never cross a boundary);
-        token_mask [batch, seq] bool, False for padding that must not count in the expert load (bias update);
-        compute_logits=False skips the lm_head (training takes hidden states into a fused lm_head + loss)."""
+        """tokens [batch, seq] int; positions [batch, seq] (default: restart per segment, or continue the cache
+        from each row's first real token); segment_ids [batch, seq] for packed documents (attention and lightning
+        state never cross a boundary; without a cache, a left-padded batch is segment 0 for the padding and 1 for
+        the prompt: `left_padding_segments`); token_mask [batch, seq] bool, False for padding that must not count
+        in the expert load (bias update); the cache's left padding is excluded too. compute_logits=False skips
+        the lm_head (training takes hidden states into a fused lm_head + loss); output_layer_states=True returns
+        the residual stream after every layer (`layer_states`, for layer-by-layer comparisons)."""
         config = self.config
         batch, seq = tokens.shape
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed training sequences) cannot be combined with a cache")
         cache_length = cache.length if cache is not None else 0
+        left_padding = cache.left_padding if cache is not None else None
+        if cache is not None:
+            check_cache_room(cache.max_length, cache_length, seq)
+            slots = jnp.arange(seq)[None, :] + cache_length
+            real = slots >= left_padding[:, None]
+            token_mask = real if token_mask is None else token_mask & real
         if positions is None:
-            positions = (
-                positions_from_segments(segment_ids)
-                if segment_ids is not None
-                else jnp.broadcast_to(jnp.arange(seq) + cache_length, (batch, seq))
-            )
+            if segment_ids is not None:
+                positions = positions_from_segments(segment_ids)
+            elif cache is not None:
+                positions = jnp.maximum(slots - left_padding[:, None], 0)
+            else:
+                positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         cos, sin = rope_tables(positions, config)
-        inputs = LayerInputs(cos, sin, segment_ids, cache_length, token_mask)
+        inputs = LayerInputs(cos, sin, segment_ids, cache_length, token_mask, left_padding)
         x = self.embed(tokens)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
         stats: list[RouterStats] = []
+        layer_states: list[jax.Array] | None = [] if output_layer_states else None
         x, pre_caches = self._run_unrolled(
-            self.pre_layers, self.plan.pre, x, inputs, None if cache is None else cache.pre, stats
+            self.pre_layers, self.plan.pre, x, inputs, None if cache is None else cache.pre, stats, layer_states
         )
         cycle_caches: tuple[LayerCache, ...] = ()
         if self.cycles is not None:
-            x, cycle_caches = self._run_cycles(x, inputs, None if cache is None else cache.cycles, stats)
+            x, cycle_caches = self._run_cycles(x, inputs, None if cache is None else cache.cycles, stats, layer_states)
         x, post_caches = self._run_unrolled(
-            self.post_layers, self.plan.post, x, inputs, None if cache is None else cache.post, stats
+            self.post_layers, self.plan.post, x, inputs, None if cache is None else cache.post, stats, layer_states
         )
 
         hidden = self.final_norm(x)
@@ -295,7 +346,7 @@ class RingLinearModel(nnx.Module):
         logits_of = lambda h: self.lm_head(h, out_dtype=jnp.float32)
         new_cache = None
         if cache is not None:
-            new_cache = ModelCache(pre_caches, cycle_caches, post_caches, cache.length + seq)
+            new_cache = ModelCache(pre_caches, cycle_caches, post_caches, cache.length + seq, cache.left_padding)
         return ModelOutput(
             logits=logits_of(hidden) if compute_logits else None,
             hidden_states=hidden,
@@ -304,6 +355,7 @@ class RingLinearModel(nnx.Module):
             router_z_loss=jnp.mean(jnp.stack([s.z_loss for s in stats])) if stats else jnp.zeros(()),
             mtp_hidden_states=mtp_hidden,
             mtp_logits=tuple(map(logits_of, mtp_hidden)) if compute_logits else (),
+            layer_states=tuple(layer_states or ()),
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -319,6 +371,7 @@ class RingLinearModel(nnx.Module):
         inputs: LayerInputs,
         caches: tuple[LayerCache, ...] | None,
         stats: list[RouterStats],
+        layer_states: list[jax.Array] | None,
     ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
         new_caches = []
         for position, (layer, index) in enumerate(zip(layers, indices, strict=True)):
@@ -335,6 +388,8 @@ class RingLinearModel(nnx.Module):
             new_caches.append(cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
+            if layer_states is not None:
+                layer_states.append(x)
         return x, tuple(new_caches)
 
     def _run_cycles(
@@ -343,6 +398,7 @@ class RingLinearModel(nnx.Module):
         inputs: LayerInputs,
         caches: tuple[LayerCache, ...] | None,
         stats: list[RouterStats],
+        layer_states: list[jax.Array] | None,
     ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
         plan, group = self.plan, self.config.layer_group_size
         graphdef, state = nnx.split(self.cycles)
@@ -353,22 +409,25 @@ class RingLinearModel(nnx.Module):
         def body(x: jax.Array, scanned: tuple[Any, jax.Array, tuple[LayerCache, ...]]):
             cycle_state, indices, cycle_caches = scanned
             cycle = nnx.merge(graphdef, cycle_state)
-            x, new_caches, cycle_stats = cycle(x, inputs, indices, cycle_caches)
-            return x, (new_caches, cycle_stats, nnx.state(cycle, ExpertLoad))
+            x, new_caches, cycle_stats, outputs = cycle(x, inputs, indices, cycle_caches)
+            outputs = outputs if layer_states is not None else ()  # scan outputs are kept only when asked for
+            return x, (new_caches, cycle_stats, nnx.state(cycle, ExpertLoad), outputs)
 
         body = self._remat(body)
         if self.config.scan_layers:
-            x, (new_caches, cycle_stats, new_state) = jax.lax.scan(body, x, (state, layer_indices, caches))
+            x, (new_caches, cycle_stats, new_state, outputs) = jax.lax.scan(body, x, (state, layer_indices, caches))
         else:
-            outputs = []
+            per_cycle = []
             for c in range(plan.num_cycles):
                 x, out = body(x, jax.tree.map(lambda leaf, c=c: leaf[c], (state, layer_indices, caches)))
-                outputs.append(out)
-            new_caches, cycle_stats, new_state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+                per_cycle.append(out)
+            new_caches, cycle_stats, new_state, outputs = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_cycle)
         nnx.update(self.cycles, new_state)
         # [num_cycles] stacked stats per position in the cycle -> HF layer order (cycle-major).
         for c in range(plan.num_cycles):
             stats.extend(RouterStats(*(leaf[c] for leaf in s)) for s in cycle_stats)
+            if layer_states is not None:
+                layer_states.extend(layer_output[c] for layer_output in outputs)
         return x, new_caches
 
     def _mtp_hidden_states(self, hidden: jax.Array, tokens: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, ...]:
@@ -383,3 +442,14 @@ class RingLinearModel(nnx.Module):
 def abstract_model(config: ModelConfig) -> RingLinearModel:
     """The model with ShapeDtypeStruct leaves (shapes, dtypes, sharding names): no memory is allocated."""
     return nnx.eval_shape(lambda: RingLinearModel(config, rngs=nnx.Rngs(0)))
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> RingLinearModel:
+    """A randomly initialised model built by one jitted function on the default device: the weights are created
+    where they live (a 33 GB bf16 Ring-mini never passes through host memory or eager per-leaf dispatch). The keys
+    are XLA RngBitGenerator ("rbg") keys, which compile and run several times faster than threefry for a whole model
+    (so the values differ from `RingLinearModel(config, rngs=nnx.Rngs(seed))`)."""
+    graphdef = nnx.graphdef(abstract_model(config))
+    rngs = lambda: nnx.Rngs(jax.random.key(seed, impl="rbg"))
+    state = jax.jit(lambda: nnx.state(RingLinearModel(config, rngs=rngs())))()
+    return nnx.merge(graphdef, state)

@@ -155,6 +155,15 @@ def apply_hf_config(config_model: Any, hf: Mapping[str, Any], where: str = "conf
     return passthrough
 
 
+def check_exportable(values: Mapping[str, Any]) -> None:
+    """Raises HFConfigError for ring_jax-only architectures (no HF equivalent): attention_layout != "hybrid"."""
+    layout = values.get("attention_layout", "hybrid")
+    if layout != "hybrid":
+        raise HFConfigError(
+            f"config.model.attention_layout={layout!r} cannot be exported: the HF format has only the hybrid layout"
+        )
+
+
 def model_to_hf_config(config_model: Any, *, torch_dtype: str, passthrough: Mapping[str, Any] | None = None) -> dict:
     """config.model (ConfigDict, ModelConfig dataclass or dict) -> HF config.json dict with every field of
     the released config.json.
@@ -163,6 +172,7 @@ def model_to_hf_config(config_model: Any, *, torch_dtype: str, passthrough: Mapp
     """
     # ConfigDict.to_dict / ModelConfig.to_dict give plain values (rope_scaling as a dict in both).
     values = config_model.to_dict() if hasattr(config_model, "to_dict") else dict(config_model)
+    check_exportable(values)
     fields = {name: values[name] for name in MODEL_FIELDS}
     for name, value in fields.items():
         supported = SUPPORTED_VALUES.get(name, value)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ring_jax.config import ModelConfig
+from ring_jax.convert.hf_config import check_exportable
 from ring_jax.convert.mapping import (
     LeafPlan,
     MTPLayout,
@@ -230,6 +231,7 @@ def export_tensors(
     get_leaf(path) returns the leaf's value when a tensor is materialised. Weights keep their dtype unless
     `dtype` is given; expert biases are always fp32.
     """
+    check_exportable(config.to_dict())
     plan = model_plan(config, params)
     variables = _flat(params)
     planned = []

@@ -71,6 +71,9 @@ class LightningAttention(nnx.Module):
         heads, head_dim = config.num_attention_heads, config.head_dim
         q, k, v = jnp.split(self.qkv(x).reshape(batch, seq, 3 * heads, head_dim), 3, axis=2)
         q, k = self.qk(q, k, inputs)
+        real = inputs.real_tokens(seq)
+        if real is not None:  # left padding adds k_tᵀ v_t = 0: the state before a row's first token stays exactly 0
+            k = jnp.where(real[:, :, None, None], k, 0)
         names = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
         q, k, v = (constrain(t, names) for t in (q, k, v))
         decay_rates = layer_decay_rates(config, layer_index)

@@ -2,6 +2,7 @@
 
 Orbax writes each step into a temporary directory and renames it on commit, so a process killed mid-save
 leaves the previous checkpoint as the latest complete one; leftover temporaries are removed on the next start.
+`restore_params` / `restore_model` read a training workdir's weights for inference, export or a warm start.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -21,9 +23,12 @@ from flax import nnx
 
 from ring_jax.config import ModelConfig
 from ring_jax.layers.moe import ExpertBias
-from ring_jax.model import abstract_model
+from ring_jax.model import RingLinearModel
 from ring_jax.sharding import state_shardings
 from ring_jax.train.state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"  # under the workdir
+CONFIG_FILE = "config.json"  # the resolved training config, under the workdir
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +100,13 @@ class Checkpointer:
         self._manager.close()
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The weights of a training workdir, without the optimizer state.
-
-CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/{state,data}
-CONFIG_FILE = "config.json"  # WORKDIR/config.json: the resolved training config
+# ----------------------------------------------------------------------------------------------------------
+# Weights of a training workdir, without the optimizer state.
 
 
 class RestoredParams(NamedTuple):
-    """step: the checkpoint's step; config: the workdir's training config; params / expert_bias: nnx.States."""
+    """step: the checkpoint's step; config: the workdir's resolved training config (its `model` section builds
+    the model); params: nnx.State of the Params; expert_bias: nnx.State of the routing biases (needed for routing)."""
 
     step: int
     config: ml_collections.ConfigDict
@@ -111,16 +114,11 @@ class RestoredParams(NamedTuple):
     expert_bias: nnx.State
 
 
-def is_workdir(path: str | os.PathLike) -> bool:
-    """Whether `path` looks like a training workdir (a checkpoints/ folder and the run's config.json)."""
-    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) and os.path.isfile(os.path.join(path, CONFIG_FILE))
-
-
-def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run saved as WORKDIR/config.json; FileNotFoundError / ValueError naming the file."""
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run saved as WORKDIR/config.json (one-line error when missing or invalid)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is {os.fspath(workdir)!r} a training workdir?)")
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is {workdir!r} a training workdir?)")
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
@@ -129,6 +127,11 @@ def read_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
     if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
         raise ValueError(f"{path}: expected a training config with a 'model' section")
     return ml_collections.ConfigDict(values)
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a training workdir (a checkpoints/ folder and the run's config.json)."""
+    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) and os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def saved_step(workdir: str | os.PathLike, step: int | None = None) -> int:
@@ -159,23 +162,26 @@ def stored_keys(params: nnx.State) -> dict[tuple, tuple[str, ...]]:
     keys = {}
     for path, variable in nnx.to_flat_state(params):
         field = "expert_bias" if isinstance(variable, ExpertBias) else "params"
-        (inner, _), = jax.tree_util.tree_flatten_with_path(variable)[0]  # the variable's value leaf, e.g. ('value',)
+        ((inner, _),) = jax.tree_util.tree_flatten_with_path(variable)[0]  # the variable's value leaf: ('value',)
         keys[path] = (field, *map(str, path), *(str(getattr(k, "name", getattr(k, "key", k))) for k in inner))
     return keys
 
 
-def restore_params(workdir: str | os.PathLike, step: int | None = None, *,
-                   mesh: jax.sharding.Mesh | None = None) -> RestoredParams:  # fmt: skip
-    """Only the params and expert biases of a saved step (default: the latest complete one), each leaf restored
-    straight into its sharding on `mesh` (by its logical axis names), or onto the default device."""
+def restore_params(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> RestoredParams:
+    """Restores only the params and expert biases of a training checkpoint (the optimizer state is never read).
+
+    step: a saved step (default: the latest complete one; a save killed midway is never picked). mesh: place the
+    leaves by their logical axis names on this mesh (default: the default device). A workdir without a complete
+    checkpoint, or without `step`, is a one-line error.
+    """
     config = read_workdir_config(workdir)
-    step = saved_step(workdir, step)
     model_config = ModelConfig.from_config(config.model)
-    _, params, expert_bias, _ = nnx.split(abstract_model(model_config), nnx.Param, ExpertBias, ...)
+    step = saved_step(workdir, step)
+    _, params, expert_bias, _ = nnx.split(nnx.eval_shape(lambda: _new_model(model_config)), nnx.Param, ExpertBias, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
 
-    def placed(tree: nnx.State) -> nnx.State:  # each variable's value: its ShapeDtypeStruct with its sharding
+    def placed(tree: nnx.State) -> nnx.State:  # each variable's value: a ShapeDtypeStruct with its sharding
         shardings = jax.tree.map(lambda _: device, tree, is_leaf=is_variable) if mesh is None else \
             state_shardings(tree, mesh)  # fmt: skip
         return jax.tree.map(lambda v, sharding: v.replace(jax.ShapeDtypeStruct(v.get_value().shape,
@@ -190,3 +196,25 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None, *,
             args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
         )
     return RestoredParams(step, config, restored["params"], restored["expert_bias"])
+
+
+def restore_model(
+    workdir: str,
+    step: int | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[RingLinearModel, ml_collections.ConfigDict]:
+    """(model with a workdir checkpoint's weights, the workdir's config). overrides: `config.model` fields that do
+    not change the weights' shapes (e.g. {"dtype": "bfloat16", "lightning_implementation": "reference"})."""
+    restored = restore_params(workdir, step, mesh=mesh)
+    section = restored.config.model.copy_and_resolve_references()
+    section.update(dict(overrides or {}))
+    model_config = ModelConfig.from_config(section)
+    graphdef, _, _, rest = nnx.split(nnx.eval_shape(lambda: _new_model(model_config)), nnx.Param, ExpertBias, ...)
+    rest = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), rest)  # expert-load counters
+    return nnx.merge(graphdef, restored.params, restored.expert_bias, rest), restored.config
+
+
+def _new_model(config: ModelConfig) -> RingLinearModel:
+    return RingLinearModel(config, rngs=nnx.Rngs(0))

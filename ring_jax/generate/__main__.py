@@ -1,0 +1,5 @@
+import sys
+
+from ring_jax.generate.cli import main
+
+sys.exit(main())
