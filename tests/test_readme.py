@@ -1,5 +1,6 @@
-"""README.md stays true: its Python blocks run as pasted in a fresh interpreter outside the repository (only the
-packages importable, as after `pip install`), and its memory table is what `python -m ring_jax.memory` prints.
+"""README.md stays true: its Python blocks run as pasted, in order, in one fresh interpreter outside the repository
+(only the packages importable, as after `pip install`; a later block may use what an earlier one defined, as in a
+notebook), and its memory table is what `python -m ring_jax.memory` prints.
 
 A block that cannot run here (it needs released weights, or shows shapes only) is preceded by the line
 `<!-- readme-test: not run (REASON) -->`.
@@ -7,6 +8,7 @@ A block that cannot run here (it needs released weights, or shows shapes only) i
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -15,8 +17,15 @@ from support import REPO, ChildProcess
 
 README = (REPO / "README.md").read_text()
 NOT_RUN = re.compile(r"<!-- readme-test: not run \((.+)\) -->")
-# The child checks that it sees the packages only, not the repository's top-level folders (configs/, tests/).
-PRELUDE = "import importlib.util\nassert importlib.util.find_spec('configs') is None, 'the repository is on sys.path'\n"
+# Runs the blocks (a JSON list of [line, code]) in one namespace; a failure's traceback names "README.md:<line>". It
+# first checks that it sees the packages only, not the repository's top-level folders (configs/, tests/).
+RUNNER = """
+import importlib.util, json, sys
+assert importlib.util.find_spec("configs") is None, "the repository is on sys.path"
+namespace = {"__name__": "__main__"}
+for line, code in json.loads(sys.argv[1]):
+    exec(compile(code, f"README.md:{line}", "exec"), namespace)
+"""
 
 
 def python_blocks() -> list[tuple[int, str, str | None]]:
@@ -45,16 +54,12 @@ def test_readme_python_blocks_run_as_pasted(tmp_path):
     for package in ("ring_jax", "pallas_kernels"):
         (installed / package).symlink_to(REPO / package)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(installed), "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)}
-    printed = ""
-    for line, code, reason in python_blocks():
-        if reason is not None:
-            continue
-        with ChildProcess([sys.executable, "-c", PRELUDE + code], log_file=tmp_path / f"block_{line}.log",
-                          timeout_s=600, env=env, cwd=tmp_path) as child:  # fmt: skip
-            output = child.finish()
-            assert child.returncode == 0, f"README.md line {line}: the block fails:\n{output[-3000:]}"
-            printed += output
-    assert "(1, 10, 272)" in printed, "the model block prints its logits' shape"
+    runnable = [(line, code) for line, code, reason in python_blocks() if reason is None]
+    with ChildProcess([sys.executable, "-c", RUNNER, json.dumps(runnable)], log_file=tmp_path / "readme.log",
+                      timeout_s=900, env=env, cwd=tmp_path) as child:  # fmt: skip
+        output = child.finish()
+    assert child.returncode == 0, f"a README block fails:\n{output[-3000:]}"
+    assert "(1, 10, 272)" in output, "the model block prints its logits' shape"
 
 
 def test_memory_table_is_what_the_script_prints():

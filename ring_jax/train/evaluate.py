@@ -3,9 +3,8 @@
 - `eval_loss`: the token cross-entropy (the training loss's `ce_loss`, same loss mask) over `train.eval_batches`
   fixed held-out batches;
 - on the synthetic tasks' held-out set, `eval_exact_match` (and per task, `eval_exact_match/<task>`): the fraction of
-  `train.eval_task_examples` examples whose greedy answer is exactly right. Computed teacher-forced: every answer
-  token and the newline that closes it must be the model's argmax given the prompt and the answer before it, which
-  holds exactly when greedy decoding from the prompt writes the answer and the newline (`synthetic.verify`'s reading).
+  `train.eval_task_examples` examples whose greedy answer (`ring_jax.generate`, up to the first newline)
+  `synthetic.verify` accepts.
 """
 
 from __future__ import annotations
@@ -18,14 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from ring_jax.data import heldout, sft
+from ring_jax.data import heldout
 from ring_jax.data.pipeline import make_dataset
 from ring_jax.data.sources import DataError
-from ring_jax.data.synthetic import Example
+from ring_jax.data.synthetic import Example, verify
 from ring_jax.data.tokenizers import make_tokenizer
-from ring_jax.sharding import batch_shards
+from ring_jax.generate import GenerationConfig, generate
 from ring_jax.train.state import StateFactory, TrainState
 from ring_jax.train.step import Batch, global_batch, make_lm_head_loss
 
@@ -45,10 +43,21 @@ class Evaluator:
         if not self._batches:
             raise DataError(f"data: the held-out documents fill no batch of train.batch_size={train.batch_size} rows")
         self._examples: list[Example] = []
-        if heldout.uses_synthetic_tasks(config.data) and train.eval_task_examples:
+        scores_answers = heldout.uses_synthetic_tasks(config.data) and train.eval_task_examples > 0
+        if scores_answers and jax.process_count() > 1:
+            scores_answers = False
+            if jax.process_index() == 0:
+                print("train: no eval_exact_match: generating answers needs a single-process run", flush=True)
+        if scores_answers:
             self._examples = heldout.task_examples(config.data, train.eval_task_examples)
-            self._answers = answer_batch(self._examples, make_tokenizer(config.data.tokenizer),
-                                         batch_shards(factory.mesh))  # fmt: skip
+            self._tokenizer = make_tokenizer(config.data.tokenizer)
+            bos = [] if self._tokenizer.bos_id is None else [self._tokenizer.bos_id]
+            self._prompts = [bos + self._tokenizer.encode(example.prompt).tolist() for example in self._examples]
+            newline = tuple(self._tokenizer.encode("\n").tolist())
+            answers = [len(self._tokenizer.encode(example.answer + "\n")) for example in self._examples]
+            # A greedy answer is read up to its first newline; past the longest right answer (and a little slack
+            # for the whitespace verify strips) it is wrong whatever follows.
+            self._generation = GenerationConfig(max_new_tokens=max(answers) + 2, stop_sequences=(newline,))
         lm_head_loss = make_lm_head_loss(train)
 
         def loss_sums(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -57,15 +66,7 @@ class Evaluator:
                                    compute_logits=False).hidden_states  # fmt: skip
             return lm_head_loss(model, hidden, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
-        def answers_right(state: TrainState, batch: Batch) -> jax.Array:
-            logits = _model(factory, state).forward(batch["inputs"], segment_ids=batch["segment_ids"]).logits
-            right = (jnp.argmax(logits, axis=-1) == batch["targets"]) | (batch["loss_mask"] == 0)
-            return jnp.all(right, axis=-1)
-
-        shardings = (factory.shardings, self._sharding)
-        self._loss_sums = jax.jit(loss_sums, in_shardings=shardings)
-        replicated = NamedSharding(factory.mesh, PartitionSpec())  # every process reads every row's result
-        self._answers_right = jax.jit(answers_right, in_shardings=shardings, out_shardings=replicated)
+        self._loss_sums = jax.jit(loss_sums, in_shardings=(factory.shardings, self._sharding))
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -78,13 +79,14 @@ class Evaluator:
                 loss, tokens = jax.device_get(self._loss_sums(state, global_batch(batch, self._sharding)))
                 total, count = total + float(loss), count + float(tokens)
             metrics = {"eval_loss": total / max(count, 1.0)}
-            if self._examples:
-                right = self._answers_right(state, global_batch(self._answers, self._sharding))
-                right = np.asarray(jax.device_get(right))[: len(self._examples)]
-                metrics["eval_exact_match"] = float(np.mean(right))
-                for task in sorted({example.task for example in self._examples}):
-                    mine = [i for i, example in enumerate(self._examples) if example.task == task]
-                    metrics[f"eval_exact_match/{task}"] = float(np.mean(right[mine]))
+        if self._examples:
+            completions = generate(_model(self._factory, state), self._prompts, self._generation)
+            right = np.asarray([verify(example.prompt, self._tokenizer.decode(completion.tokens))
+                                for example, completion in zip(self._examples, completions, strict=True)])  # fmt: skip
+            metrics["eval_exact_match"] = float(np.mean(right))
+            for task in sorted({example.task for example in self._examples}):
+                mine = [i for i, example in enumerate(self._examples) if example.task == task]
+                metrics[f"eval_exact_match/{task}"] = float(np.mean(right[mine]))
         return metrics
 
 
@@ -103,34 +105,3 @@ def make_evaluator(factory: StateFactory, config: ml_collections.ConfigDict) -> 
 
 def _model(factory: StateFactory, state: TrainState) -> Any:
     return nnx.merge(factory.graphdef, state.params, state.expert_bias, state.expert_load, state.model_vars, copy=True)
-
-
-def answer_batch(examples: list[Example], tokenizer: Any, row_multiple: int) -> dict[str, np.ndarray]:
-    """One example per row: inputs / targets of `[BOS] prompt answer "\\n"`, loss_mask 1 on the answer and newline
-    targets, segment_ids 1 on real tokens; rows padded (fully masked) to a multiple of `row_multiple`. Returns this
-    process's rows (contiguous blocks, in process order)."""
-    rows = []
-    for example in examples:
-        # The documents' "\n" closes the answer; the EOS after it is not part of what greedy decoding must write.
-        tokens, learned = sft.encode({"prompt": example.prompt, "completion": example.answer + "\n"}, tokenizer)
-        if tokenizer.eos_id is not None:
-            tokens, learned = tokens[:-1], learned[:-1]
-        rows.append((tokens[:-1], tokens[1:], learned[1:]))
-    length = max(len(inputs) for inputs, _, _ in rows)
-    count = -(-len(rows) // row_multiple) * row_multiple
-    batch = {
-        key: np.zeros((count, length), dtype)
-        for key, dtype in (
-            ("inputs", np.int32),
-            ("targets", np.int32),
-            ("loss_mask", np.float32),
-            ("segment_ids", np.int32),
-        )
-    }
-    for row, (inputs, targets, mask) in enumerate(rows):
-        n = len(inputs)
-        batch["inputs"][row, :n], batch["targets"][row, :n], batch["loss_mask"][row, :n] = inputs, targets, mask
-        batch["segment_ids"][row, :n] = 1
-    local = slice(jax.process_index() * count // jax.process_count(), (jax.process_index() + 1) * count //
-                  jax.process_count())  # fmt: skip
-    return {key: value[local] for key, value in batch.items()}
