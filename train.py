@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ring_jax.errors import RingJaxError
-from ring_jax.train import distributed
+from ring_jax.train import distributed, init_from
 from ring_jax.train.loop import NonFiniteError, train
 from ring_jax.train.xla_flags import set_default_xla_flags
 
@@ -35,11 +35,7 @@ def main(argv: list[str]) -> None:
     set_default_xla_flags()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
-    # --config.model.* flags win over the model fields checkpoint.init_from would bring.
-    overridden = [key.removeprefix("model.") for key in config_flags.get_override_values(flags.FLAGS["config"])
-                  if key.startswith("model.")]  # fmt: skip
-    kept = [name for name in config.checkpoint.init_from_overrides.split(",") if name.strip()]
-    config.checkpoint.init_from_overrides = ",".join(kept + overridden)
+    init_from.keep_overridden_model_fields(config, config_flags.get_override_values(flags.FLAGS["config"]))
     try:
         result = train(config, _WORKDIR.value)
     except NonFiniteError as e:

@@ -155,8 +155,13 @@ def table(configs: dict[str, ml_collections.ConfigDict], devices: Sequence[int])
                 accelerator: {remat: max_rows(memory, capacity * USABLE_FRACTION, remat) for remat in ("none", "full")}
                 for accelerator, capacity in ACCELERATORS.items()
             }
+            # The config's own micro-batch: what a measured peak (benchmarks/train_step.py) compares with.
+            rows_per_device = max(config.train.batch_size // config.train.grad_accum_steps // count, 1)
+            remat = "full" if config.model.remat_policy == "full" else "none"  # other policies: at most 'none'
             rows.append({"model": name, "devices": count, "mesh": f"fsdp={count}", "seq_len": config.train.seq_len,
-                         **dataclasses.asdict(memory), "state": memory.state, "rows_that_fit": fits})  # fmt: skip
+                         **dataclasses.asdict(memory), "state": memory.state, "rows_that_fit": fits,
+                         "config_rows_per_device": rows_per_device,
+                         "config_total": memory.total(rows_per_device, remat)})  # fmt: skip
     return rows
 
 

@@ -73,9 +73,11 @@ def test_hf_folder_and_from_hf_output_give_their_model_and_exact_weights(tmp_pat
 
 def test_model_fields_kept_by_overrides_must_still_fit_the_weights(tmp_path):
     hf = write_hf(tmp_path / "hf", 0)
-    config, _, _ = initial_state(tiny_train_config(checkpoint__init_from=str(hf),
-                                                   checkpoint__init_from_overrides="rope_theta"))  # fmt: skip
-    assert (config.model.rope_theta, config.model.intermediate_size) == (10000.0, 48)  # a shapeless field kept
+    config = tiny_train_config(checkpoint__init_from=str(hf), model__rope_theta=20000.0)
+    init_from.keep_overridden_model_fields(config, {"model.rope_theta": 20000.0, "train.steps": 3})  # train.py's flags
+    assert config.checkpoint.init_from_overrides == "rope_theta"
+    config, _, _ = initial_state(config)
+    assert (config.model.rope_theta, config.model.intermediate_size) == (20000.0, 48)  # a shapeless field kept
     mismatch = tiny_train_config(checkpoint__init_from=str(hf), checkpoint__init_from_overrides="intermediate_size")
     with pytest.raises(InitFromError, match=r"parameter pre_layers/0/mlp/down/kernel has shape \[48, 32\] in .*hf "
                                             r"but shape \[64, 32\] for this config.model"):  # fmt: skip

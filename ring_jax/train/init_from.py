@@ -124,6 +124,14 @@ def local_path(spec: str) -> Path | None:
         return None
 
 
+def keep_overridden_model_fields(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Adds the config.model fields among `overrides` (flat 'section.field' keys, e.g. the --config.* flags of a
+    command line) to `checkpoint.init_from_overrides`, so that what the user set wins over the init_from source."""
+    kept = [name.strip() for name in config.checkpoint.init_from_overrides.split(",") if name.strip()]
+    kept += [key.removeprefix("model.") for key in overrides if key.startswith("model.")]
+    config.checkpoint.init_from_overrides = ",".join(dict.fromkeys(kept))
+
+
 def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, InitSource | None]:
     """(config with config.model taken from the init_from source as the module docstring says, the source); the
     config unchanged and None without `checkpoint.init_from`."""
