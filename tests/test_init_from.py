@@ -81,7 +81,8 @@ def test_model_fields_kept_by_overrides_must_still_fit_the_weights(tmp_path):
     mismatch = tiny_train_config(checkpoint__init_from=str(hf), checkpoint__init_from_overrides="intermediate_size")
     with pytest.raises(InitFromError, match=r"parameter pre_layers/0/mlp/down/kernel has shape \[48, 32\] in .*hf "
                                             r"but shape \[64, 32\] for this config.model"):  # fmt: skip
-        initial_state(mismatch)
+        train(mismatch, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
     with pytest.raises(InitFromError, match="checkpoint.init_from_overrides: 'widht' is not a config.model field"):
         init_from.resolve(tiny_train_config(checkpoint__init_from=str(hf), checkpoint__init_from_overrides="widht"))
 
@@ -91,7 +92,8 @@ def test_bad_sources_fail_before_anything_is_written(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"data.tokenizer: 'bytes' has 259 tokens but model.vocab_size=200"):
         train(tiny_train_config(checkpoint__init_from=str(small_vocab)), str(tmp_path / "run"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InitFromError, match=r"checkpoint.init_from: .*empty is neither an HF folder"):
+    with pytest.raises(InitFromError, match=r"checkpoint.init_from: .*empty is not an HF folder .*, a `python -m "
+                                            r"ring_jax.convert from-hf` output .* or a training workdir"):  # fmt: skip
         train(tiny_train_config(checkpoint__init_from=str(tmp_path / "empty")), str(tmp_path / "run"))
     with pytest.raises(InitFromError, match=r"'nowhere/x.y/z' is not a directory \(nor an HF hub id"):
         train(tiny_train_config(checkpoint__init_from="nowhere/x.y/z"), str(tmp_path / "run"))

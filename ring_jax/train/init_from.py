@@ -127,9 +127,13 @@ def local_path(spec: str) -> Path | None:
 def keep_overridden_model_fields(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
     """Adds the config.model fields among `overrides` (flat 'section.field' keys, e.g. the --config.* flags of a
     command line) to `checkpoint.init_from_overrides`, so that what the user set wins over the init_from source."""
-    kept = [name.strip() for name in config.checkpoint.init_from_overrides.split(",") if name.strip()]
+    kept = _names(config.checkpoint.init_from_overrides)
     kept += [key.removeprefix("model.") for key in overrides if key.startswith("model.")]
     config.checkpoint.init_from_overrides = ",".join(dict.fromkeys(kept))
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, InitSource | None]:
@@ -140,14 +144,14 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDic
         return config, None
     if not isinstance(spec, str):
         raise InitFromError(f"checkpoint.init_from: must be a path or a hub id, got {spec!r}")
-    kept = {name.strip() for name in config.checkpoint.init_from_overrides.split(",") if name.strip()}
+    kept = set(_names(config.checkpoint.init_from_overrides))
     unknown = sorted(kept - set(model_fields()))
     if unknown:
         raise InitFromError(f"checkpoint.init_from_overrides: {unknown[0]!r} is not a config.model field")
     source = locate(spec)
     try:
         fields = source.model_fields()
-    except RingJaxError as e:
+    except (ValueError, FileNotFoundError) as e:  # the source's config cannot be read (RingJaxError included)
         raise InitFromError(f"checkpoint.init_from: {e}") from None
     config = copy.deepcopy(config)
     changed = []
@@ -157,12 +161,13 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDic
             config.model[name] = value
     if changed and jax.process_index() == 0:
         print(f"init_from: config.model from {source.path}: {', '.join(changed)}", flush=True)
+    check_shapes(source, ModelConfig.from_config(config.model))  # before anything is written
     return config, source
 
 
 def initial_state(factory: StateFactory, source: InitSource) -> TrainState:
-    """A step-0 train state holding the source's parameters and expert biases, in the factory's shardings."""
-    check_shapes(source, factory.model_config)
+    """A step-0 train state holding the source's parameters and expert biases, in the factory's shardings (the
+    factory's model config comes from `resolve`, which checked its shapes against the source)."""
     try:
         if source.kind == "workdir":
             restored = restore_params(source.path, mesh=factory.mesh)
