@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ring_jax.errors import RingJaxError
-from ring_jax.train import distributed
+from ring_jax.train import distributed, init_from
 from ring_jax.train.loop import NonFiniteError, train
 from ring_jax.train.xla_flags import set_default_xla_flags
 
@@ -82,12 +82,13 @@ def main(argv: list[str]) -> None:
     config = _load_config()
     set_default_xla_flags()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    init_from.keep_overridden_model_fields(config, config_flags.get_override_values(flags.FLAGS["config"]))
     try:
         result = train(config, _WORKDIR.value)
     except NonFiniteError as e:
         _exit(str(e), code=3)
-    except RingJaxError as e:  # bad input or a locked workdir: one line, no traceback
-        _exit(str(e))
+    except (RingJaxError, FileNotFoundError) as e:  # bad input (an init_from folder without config.json, ...) or a
+        _exit(str(e))                               # locked workdir: one line, no traceback
     losses = result.losses
     if losses:
         first, last = min(losses), max(losses)

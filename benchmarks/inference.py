@@ -14,8 +14,9 @@ next). Both go through the generation code users run (`ring_jax.generate.engine`
   (attention cost follows the cache size) and filled with random keys/values/states, so one compile per context;
 - decode-step parts at the same shapes, each jitted alone: an MoE feed-forward, a lightning attention block
   (projections + decode kernel on the fp32 state), a softmax attention block over the KV cache;
-- alignment (hybrid, bf16 compute, fp32 states): next-token log-probs of the training forward against prefill +
-  decode (`ring_jax.alignment`), max and mean absolute difference.
+- alignment (hybrid, fp32 lightning states): next-token log-probs of the training forward against prefill + decode
+  (`ring_jax.alignment`), max and mean absolute difference, in bf16 and in fp32 compute, beside the bf16 training
+  forward against the fp32 one (what bf16 rounding alone does to the same weights).
 Every case catches its own failure (out of memory included), prints it and goes on; progress is flushed as it
 happens, a compact table comes last, and results go to $OUT/inference.json (rewritten after every case).
 """
@@ -34,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
@@ -356,16 +358,32 @@ def run_decode(results: Results, layout: str, graphdef: Any, state: Any, model: 
 
 
 def alignment_case(config: ModelConfig, tokens: int) -> dict:
-    model = init_model(config.replace(attention_layout="hybrid"), seed=1)
+    """bf16 training forward vs prefill + decode, and two yardsticks on the same weights and tokens: the same
+    comparison in fp32 compute (the paths' own agreement, free of bf16 rounding), and the bf16 training forward
+    against the fp32 one (how far bf16 rounding alone moves the training path)."""
+    hybrid = config.replace(attention_layout="hybrid")
     ids = jax.random.randint(jax.random.key(2), (1, tokens), 0, config.vocab_size, jnp.int32)
-    report = compare_paths(model, ids, prefill_fraction=0.5, chunk=min(256, tokens // 2))
-    return {
-        "tokens": int(report.differences.size),
-        "logprob_max_abs_diff": report.max_abs,
-        "logprob_mean_abs_diff": report.mean_abs,
-        "layer_relative_errors": [float(e) for e in report.layer_errors],
-        "final_norm_relative_error": report.hidden_error,
-    }
+    chunk = min(256, tokens // 2)
+    results = {"tokens": tokens - 1}
+    # fp32 runs the XLA attention and grouped matmul: tokamax's Mosaic kernels take no fp32 at full precision.
+    fp32 = dict(dtype="float32", attention_implementation="xla", gmm_implementation="ragged_dot")
+    for name, overrides in (("bf16", {}), ("fp32", fp32)):
+        model = init_model(hybrid.replace(**overrides), seed=1)  # same seed, same bf16 weights
+        with jax.default_matmul_precision("highest" if overrides else "default"):  # fp32 without TF32
+            report = compare_paths(model, ids, prefill_fraction=0.5, chunk=chunk)
+        results[name] = {
+            "logprob_max_abs_diff": report.max_abs,
+            "logprob_mean_abs_diff": report.mean_abs,
+            "layer_relative_errors": [float(e) for e in report.layer_errors],
+            "final_norm_relative_error": report.hidden_error,
+        }
+        results[f"{name}_training_logprobs"] = report.training
+        del model
+        gc.collect()
+    rounding = np.abs(results.pop("bf16_training_logprobs") - results.pop("fp32_training_logprobs"))
+    results["bf16_vs_fp32_training"] = {"logprob_max_abs_diff": float(rounding.max()),
+                                        "logprob_mean_abs_diff": float(rounding.mean())}  # fmt: skip
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,10 +434,11 @@ def summary(data: dict[str, Any]) -> str:
                     lines.append(f"  {layout:>7} {c:>6}: {cells}; step {fmt(step, '.2f')}")
     alignment = data.get("alignment")
     if alignment and "error" not in alignment:
-        lines.append(
-            f"alignment (bf16 compute, fp32 states), {alignment['tokens']} next-token log-probs: "
-            f"max |diff| {alignment['logprob_max_abs_diff']:.3e}, mean {alignment['logprob_mean_abs_diff']:.3e}"
-        )
+        lines.append(f"alignment, {alignment['tokens']} next-token log-probs (fp32 states): max / mean |diff|")
+        for key, label in (("bf16", "bf16 training vs decode"), ("fp32", "fp32 training vs decode"),
+                           ("bf16_vs_fp32_training", "bf16 vs fp32 training forward")):  # fmt: skip
+            entry = alignment[key]
+            lines.append(f"  {label:<30} {entry['logprob_max_abs_diff']:.3e} / {entry['logprob_mean_abs_diff']:.3e}")
     return "\n".join(lines)
 
 
@@ -461,7 +480,7 @@ def main(argv: list[str]) -> None:
         del model, graphdef, state
         gc.collect()
     if _ALIGNMENT_TOKENS.value:
-        log("alignment: hybrid, bf16 compute, fp32 lightning states")
+        log("alignment: hybrid, bf16 and fp32 compute, fp32 lightning states")
         guarded(results, ("alignment",), lambda: alignment_case(config, _ALIGNMENT_TOKENS.value))
     print("\n" + summary(results.data), flush=True)
     if results.path:

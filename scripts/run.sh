@@ -2,7 +2,7 @@
 # Set up a virtual environment with Python >= 3.12 and run ring_jax's main job or its tests.
 #
 #   bash scripts/run.sh train [train.py flags]   # install, then train configs/default.py on the embedded data
-#   bash scripts/run.sh test  [pytest args]      # install with the dev + torch extras, then run the test suite
+#   bash scripts/run.sh test  [pytest args]      # install with the dev, torch and plot extras, then run the test suite
 #
 # Python is taken from $PYTHON, else the first of python3.12 / python3.13 / python3 that is >= 3.12, else a
 # pyenv-installed 3.12+ (pyenv shims only answer for the active version), else `uv python find`.
@@ -45,7 +45,7 @@ case "$command" in
     exec "$VENV/bin/python" train.py "$@"
     ;;
   test)
-    install "[dev,torch]"
+    install "[dev,torch,plot]"
     status=0
     "$VENV/bin/python" -m pytest -q "$@" || status=$?
     if [ "$status" -eq 5 ]; then

@@ -8,7 +8,6 @@ and loaded as a pytest plugin by the repository-root `conftest.py`.)
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from flax import nnx
 
 from ring_jax.config import ModelConfig, model_defaults
+from ring_jax.configs import default
 from ring_jax.model import RingLinearModel, layer_locations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,11 +154,8 @@ def jit_forward(model: RingLinearModel) -> Callable[..., Any]:
 
 
 def default_train_config() -> ml_collections.ConfigDict:
-    """configs/default.py's `get_config()` (configs/ is a directory of files, not an installed package)."""
-    spec = importlib.util.spec_from_file_location("default_config", REPO / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The default training config (`ring_jax.configs.default`, what `configs/default.py` re-exports)."""
+    return default.get_config()
 
 
 # The architecture of configs/default.py at toy sizes.

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ring_jax.data import synthetic
+from ring_jax.data.errors import DataError
 from ring_jax.data.pipeline import make_dataset
-from ring_jax.data.sources import DataError
 from ring_jax.data.tokenizers import ByteTokenizer, HFTokenizer
 from ring_jax.train.config import training_defaults
 
@@ -32,13 +32,19 @@ def write_jsonl(path, texts, field="text"):
 
 
 def check_packed_batch(batch):
-    """Invariants of a packed batch: per segment, positions count up from 0 and targets are next inputs."""
+    """Invariants of a packed batch of plain text: every real target is learned (see check_packed_batch_structure)."""
+    check_packed_batch_structure(batch)
+    np.testing.assert_array_equal(batch["loss_mask"], (batch["segment_ids"] > 0).astype(np.float32))
+
+
+def check_packed_batch_structure(batch):
+    """Per segment, positions count up from 0 and targets are next inputs; padding is zero and never learned."""
     rows, seq = batch["inputs"].shape
     for key in ("inputs", "targets", "segment_ids", "positions", "loss_mask"):
         assert batch[key].shape == (rows, seq)
     for r in range(rows):
         seg, pos = batch["segment_ids"][r], batch["positions"][r]
-        np.testing.assert_array_equal(batch["loss_mask"][r], (seg > 0).astype(np.float32))
+        assert np.all(batch["loss_mask"][r][seg == 0] == 0)
         for s in np.unique(seg[seg > 0]):
             where = np.flatnonzero(seg == s)
             assert np.all(np.diff(where) == 1), "a segment must be contiguous"
@@ -201,3 +207,124 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, name, content, 
         take(make_dataset(data_config(source=str(tmp_path / name), **overrides), seq_len=SEQ, global_batch_size=2,
                           vocab_size=259), 1)
     assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Supervised fine-tuning records
+
+
+def learned_targets(batch, row):
+    """The target ids of one row that the loss learns, split at segment boundaries: {segment id: [ids]}."""
+    learned = {}
+    for index in np.flatnonzero(batch["loss_mask"][row] > 0):
+        learned.setdefault(int(batch["segment_ids"][row, index]), []).append(int(batch["targets"][row, index]))
+    return learned
+
+
+def test_prompt_completion_records_learn_only_the_completion_and_stay_packed(tmp_path, rng):
+    pairs = [(f"q{i} {'x' * int(rng.integers(1, 9))}?", f"answer {i}") for i in range(30)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    config = data_config(source=str(tmp_path / "sft.jsonl"))
+    tokenizer = ByteTokenizer()
+    for batch in take(make_dataset(config, seq_len=SEQ, global_batch_size=2, vocab_size=259), 3):
+        check_packed_batch_structure(batch)
+        assert batch["segment_ids"].max() > 1, "packing keeps several records per row"
+        for row in range(2):
+            for segment, ids in learned_targets(batch, row).items():
+                where = batch["segment_ids"][row] == segment
+                text = tokenizer.decode(batch["inputs"][row][where])  # BOS + prompt + completion
+                assert ids[-1] == tokenizer.eos_id, "the EOS after the completion is learned"
+                completion = tokenizer.decode(ids[:-1])
+                assert (text[text.index("?") + 1:], completion) in {(c, c) for _, c in pairs}, (text, completion)
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + ' <|im_end|> ' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}")
+
+
+def chat_tokenizer(directory, template=CHATML):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "hello", "there", "how",
+             "are", "you", "fine", "thanks", "be", "brief"]  # fmt: skip
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": None, "eos_token": "<|im_end|>"}
+    if template is not None:
+        config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return HFTokenizer(str(directory / "tokenizer.json"))
+
+
+def test_messages_records_learn_every_assistant_turn_through_the_chat_template(tmp_path):
+    tokenizer = chat_tokenizer(tmp_path)
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (None, 2)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "how are you"},
+                {"role": "assistant", "content": "fine thanks"}]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    config = data_config(source=str(tmp_path / "chat.jsonl"), tokenizer=str(tmp_path / "tokenizer.json"),
+                         packing=False)  # fmt: skip
+    batch = take(make_dataset(config, seq_len=SEQ, global_batch_size=1, vocab_size=16), 1)[0]
+    check_packed_batch_structure(batch)
+    learned = learned_targets(batch, 0)[1]
+    assert learned == tokenizer.encode("hello there <|im_end|> fine thanks <|im_end|>").tolist()
+    mask = batch["loss_mask"][0]
+    targets = [tokenizer.decode([t]) for t in batch["targets"][0][mask == 0][: int((batch["segment_ids"] > 0).sum())]]
+    assert "how" in targets and "assistant" in targets, "prompt turns and role markup are not learned"
+
+
+def test_fine_tuning_records_fail_naming_the_problem(tmp_path):
+    tokenizer = chat_tokenizer(tmp_path, template=None)
+    bad = {"chat.jsonl": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}]},
+                          "data.tokenizer: .*tokenizer.json' has no chat template"),
+           "lonely.jsonl": ({"messages": [{"role": "user", "content": "hi"}]}, "has no assistant message to learn"),
+           "typed.jsonl": ({"prompt": "hi", "completion": 3}, "field 'completion' is int, not a string"),
+           "none.jsonl": ({"question": "hi"}, "data.text_field: .* has no field 'text' \\(nor 'prompt' \\+ "
+                                             "'completion', nor 'messages'")}  # fmt: skip
+    for name, (record, message) in bad.items():
+        (tmp_path / name).write_text(json.dumps(record) + "\n")
+        config = data_config(source=str(tmp_path / name), tokenizer=tokenizer.name)
+        with pytest.raises(DataError, match=message):
+            take(make_dataset(config, seq_len=SEQ, global_batch_size=1, vocab_size=16), 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Held-out documents
+
+
+def segment_texts(batches):
+    tokenizer = ByteTokenizer()
+    return [tokenizer.decode(row[seg == s]) for b in batches for row, seg in zip(b["inputs"], b["segment_ids"],
+            strict=True) for s in np.unique(seg[seg > 0])]  # fmt: skip
+
+
+def test_held_out_fraction_never_reaches_training(tmp_path):
+    texts = [f"document {i} " + "x" * i for i in range(50)]
+    write_jsonl(tmp_path / "d.jsonl", texts)
+    config = data_config(source=str(tmp_path / "d.jsonl"), eval_fraction=0.2, packing=False)
+    trained = set(segment_texts(take(make_dataset(config, seq_len=SEQ, global_batch_size=4, vocab_size=259), 40)))
+    held_out = segment_texts(make_dataset(config, seq_len=SEQ, global_batch_size=2, vocab_size=259, held_out=True))
+    assert len(held_out) == 10 == len(set(held_out)), "read once: the 10 held-out documents, each once"
+    assert trained and set(held_out) <= set(texts) and not trained & set(held_out)
+    assert len(trained) == 40, "every other document is trained on"
+    again = segment_texts(make_dataset(config, seq_len=SEQ, global_batch_size=2, vocab_size=259, held_out=True))
+    assert again == held_out, "a seeded, fixed split"
+    with pytest.raises(DataError, match=r"data.eval_fraction=0.01 of the 50 documents .* leaves 0 held out"):
+        make_dataset(data_config(source=str(tmp_path / "d.jsonl"), eval_fraction=0.01), seq_len=SEQ,
+                     global_batch_size=2, vocab_size=259)  # fmt: skip
+
+
+def test_synthetic_held_out_examples_follow_the_training_documents(tmp_path):
+    config = data_config(num_default_documents=30, packing=False)
+    held_out = take(make_dataset(config, seq_len=SEQ, global_batch_size=2, vocab_size=259, held_out=True), 2)
+    assert segment_texts(held_out) == [synthetic.example(0, 30 + i).text for i in range(4)]
+    write_jsonl(tmp_path / "e.jsonl", ["held out"])
+    files = data_config(eval_source=str(tmp_path / "e.jsonl"))
+    assert segment_texts(make_dataset(files, seq_len=SEQ, global_batch_size=1, vocab_size=259, held_out=True)) == [
+        "held out"]  # fmt: skip
+    with pytest.raises(DataError, match="data.eval_source: no file matches"):
+        make_dataset(data_config(eval_source=str(tmp_path / "none.jsonl")), seq_len=SEQ, global_batch_size=1,
+                     vocab_size=259, held_out=True)  # fmt: skip

@@ -74,7 +74,7 @@ def test_jsonl_line_index_handles_blank_lines_crlf_and_block_edges(tmp_path, mon
     (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines))  # no newline after the last line
     source = sources.JsonlSource(str(tmp_path / "d.jsonl"), "text")
     assert [source[i].where.rsplit(" ", 1)[1] for i in range(len(source))] == ["1", "4", "6"]
-    assert ["".join(source[i].pieces()) for i in range(len(source))] == ["one", "two", "three"]
+    assert ["".join(source[i].read()) for i in range(len(source))] == ["one", "two", "three"]
 
 
 def _long_documents(tmp_path) -> str:

@@ -204,10 +204,10 @@ def workdir(tmp_path_factory):
     from support import tiny_train_config as tiny_training_config
 
     from ring_jax.data.pipeline import make_dataset
-    from ring_jax.train.checkpoint import Checkpointer
-    from ring_jax.train.loop import save_resolved_config
-    from ring_jax.train.optim import make_optimizer
     from ring_jax.sharding import make_mesh
+    from ring_jax.train.checkpoint import Checkpointer
+    from ring_jax.train.optim import make_optimizer
+    from ring_jax.train.run_config import save_config
     from ring_jax.train.state import StateFactory, validate
 
     path = str(tmp_path_factory.mktemp("workdir"))
@@ -221,7 +221,7 @@ def workdir(tmp_path_factory):
                                                    state.expert_bias))  # fmt: skip
     data = make_dataset(config.data, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
                         vocab_size=model_config.vocab_size)  # fmt: skip
-    save_resolved_config(config, path)
+    save_config(config, path)
     checkpointer = Checkpointer(os.path.join(path, "checkpoints"), every_n_steps=1, keep=3)
     for step in (3, 4):
         checkpointer.save(step, state, iter(data))
@@ -236,7 +236,8 @@ def test_restore_params_reads_only_the_weights(workdir, tmp_path):
     restored = restore_params(path)
     assert restored.step == 4 and restored.config.model.hidden_size == 32
     for key in ("params", "expert_bias"):
-        for got, want in zip(jax.tree.leaves(getattr(restored, key)), jax.tree.leaves(getattr(state, key)), strict=True):
+        pairs = zip(jax.tree.leaves(getattr(restored, key)), jax.tree.leaves(getattr(state, key)), strict=True)
+        for got, want in pairs:
             np.testing.assert_array_equal(got, want)
     assert restore_params(path, step=3).step == 3
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 7 \\(saved steps: \\[3, 4\\]\\)"):

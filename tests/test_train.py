@@ -13,8 +13,8 @@ from flax import nnx
 from support import tiny_train_config
 
 from ring_jax.config import ConfigError
+from ring_jax.data.errors import DataError
 from ring_jax.data.pipeline import make_dataset
-from ring_jax.data.sources import DataError
 from ring_jax.sharding import make_mesh
 from ring_jax.train.checkpoint import Checkpointer, all_finite
 from ring_jax.train.loop import NonFiniteError, train, validate

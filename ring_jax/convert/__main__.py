@@ -1,22 +1,26 @@
-"""python -m ring_jax.convert {from-hf,to-hf} --src SRC --dst DST [--dtype D] [--overwrite] [...]"""
+"""python -m ring_jax.convert {from-hf,to-hf} --src SRC --dst DST [--dtype D] [--overwrite] [...]
+
+to-hf reads a ring_jax model checkpoint (from-hf output) or a training workdir (a saved step: --step, default the
+latest complete one)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ring_jax.config import SUPPORTED_DTYPES, ConfigError
+from ring_jax.config import SUPPORTED_DTYPES
 from ring_jax.convert.api import DEFAULT_MAX_SHARD_SIZE, checkpoint_to_hf, hf_to_checkpoint
-from ring_jax.convert.hf_config import HFConfigError
-from ring_jax.convert.safetensors_io import CheckpointError
+from ring_jax.errors import RingJaxError
 from ring_jax.sharding import MESH_AXES, make_mesh
+from ring_jax.train.checkpoint import is_workdir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ring_jax.convert", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     from_hf = commands.add_parser("from-hf", help="HF directory -> ring_jax (Orbax) checkpoint")
-    to_hf = commands.add_parser("to-hf", help="ring_jax checkpoint -> HF directory (safetensors + config.json)")
+    to_hf = commands.add_parser("to-hf", help="ring_jax checkpoint or training workdir -> HF directory (safetensors + "
+                                "config.json)")  # fmt: skip
     for sub in (from_hf, to_hf):
         sub.add_argument("--src", required=True, help="source directory")
         sub.add_argument("--dst", required=True, help="destination directory (must not exist unless --overwrite)")
@@ -37,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lightning decay offset δ stored in the config (docs/architecture.md#decay)",
     )
     to_hf.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB, 2GiB")
+    to_hf.add_argument("--step", type=int, default=None, help="of a training workdir (default: the latest saved)")
     return parser.parse_args(argv)
 
 
@@ -65,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
+        elif is_workdir(args.src):
+            from ring_jax.train.export import workdir_to_hf
+
+            step = workdir_to_hf(args.src, args.dst, step=args.step, dtype=args.dtype,
+                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                 progress=not args.no_progress)  # fmt: skip
+            print(f"step {step} of {args.src}:", end=" ")
+        elif args.step is not None:
+            raise FileNotFoundError(f"{args.src}: --step needs a training workdir (checkpoints/ and config.json)")
         else:
             checkpoint_to_hf(
                 args.src,
@@ -74,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
-    except (CheckpointError, HFConfigError, ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (RingJaxError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}")

@@ -111,11 +111,25 @@ def from_hf(
     sharding. The result maps int tokens [batch, seq] to fp32 logits [batch, seq, vocab]: `model(tokens)`.
     """
     path = Path(path)
-    hf = read_hf_config(path)
     reader = SafetensorsReader(path)
-    weight_dtype = _dtype_name(dtype) if dtype is not None else _checkpoint_dtype(hf, reader)
-    config = _model_config(hf, str(path / "config.json"), reader, weight_dtype, compute_dtype, overrides)
+    config = _hf_model_config(path, reader, dtype, compute_dtype, overrides)
     return _load(reader, config, mesh, progress)
+
+
+def hf_model_config(path: str | Path, dtype: Any = None, *, compute_dtype: Any = None,
+                    overrides: Mapping[str, Any] | None = None) -> ModelConfig:  # fmt: skip
+    """The ModelConfig `from_hf(path, dtype, ...)` loads into: the fields of the directory's config.json (a Ling-2.0
+    layout, whose num_hidden_layers counts the MTP blocks, gives the main stack without them), weights in `dtype`
+    (default: the checkpoint's)."""
+    path = Path(path)
+    return _hf_model_config(path, SafetensorsReader(path), dtype, compute_dtype, overrides)
+
+
+def _hf_model_config(path: Path, reader: SafetensorsReader, dtype: Any, compute_dtype: Any,
+                     overrides: Mapping[str, Any] | None) -> ModelConfig:  # fmt: skip
+    hf = read_hf_config(path)
+    weight_dtype = _dtype_name(dtype) if dtype is not None else _checkpoint_dtype(hf, reader)
+    return _model_config(hf, str(path / "config.json"), reader, weight_dtype, compute_dtype, overrides)
 
 
 def write_hf(
@@ -154,7 +168,7 @@ def to_hf(
     like: an HF directory or ring_jax checkpoint whose inert config fields (token ids, auto_map, …) and
     tokenizer files are carried over.
     """
-    passthrough, assets = _like(like)
+    passthrough, assets = carried_over(like)
     with ckpt.atomic_directory(path, overwrite=overwrite) as tmp:
         write_hf(
             model_tensors(model, _dtype_name(dtype) if dtype is not None else None),
@@ -167,7 +181,9 @@ def to_hf(
         )
 
 
-def _like(like: str | Path | None) -> tuple[dict, Path | None]:
+def carried_over(like: str | Path | None) -> tuple[dict, Path | None]:
+    """(inert config.json fields, folder of tokenizer / generation / remote-code files) of an HF directory or a
+    ring_jax model checkpoint, for an export to carry over; ({}, None) for None."""
     if like is None:
         return {}, None
     like = Path(like)
@@ -197,7 +213,7 @@ def hf_to_checkpoint(
     src = Path(src)
     ckpt.refuse_existing(dst, overwrite)  # before the (long) load, not after it
     model = from_hf(src, dtype, overrides=overrides, mesh=mesh, progress=progress)
-    passthrough, _ = _like(src)
+    passthrough, _ = carried_over(src)
     with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
         ckpt.save_checkpoint(model, tmp, passthrough)
         (tmp / ckpt.ASSETS_DIR).mkdir()
@@ -223,7 +239,7 @@ def checkpoint_to_hf(
     config, tensors = ckpt.checkpoint_tensors(
         src, dtype=_dtype_name(dtype) if dtype is not None else None, batch_bytes=shard_bytes
     )
-    passthrough, assets = _like(src)
+    passthrough, assets = carried_over(src)
     with ckpt.atomic_directory(dst, overwrite=overwrite) as tmp:
         write_hf(
             tensors,
@@ -319,6 +335,7 @@ __all__ = [
     "checkpoint_to_hf",
     "from_hf",
     "from_torch_state_dict",
+    "hf_model_config",
     "hf_to_checkpoint",
     "to_hf",
     "to_torch_state_dict",

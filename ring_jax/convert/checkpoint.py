@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,12 +140,16 @@ def _int_keys(tree: Any, like: Any) -> Any:
 
 
 class CheckpointLeaves:
-    """Reads leaves of a checkpoint on demand, one batch of about `batch_bytes` at a time (Orbax partial
-    restore), holding only the current batch: `leaves(path)` -> array. Ask for paths in `order` to read each
-    batch once."""
+    """Reads leaves of an Orbax checkpoint on demand, one batch of about `batch_bytes` at a time (partial restore),
+    holding only the current batch: `leaves(path)` -> array. Ask for paths in `order` to read each batch once.
 
-    def __init__(self, directory: Path, abstract: dict[tuple, jax.ShapeDtypeStruct], order: list, batch_bytes: int):
-        self._state_dir = Path(directory).absolute() / STATE_DIR
+    state_dir: the Orbax item directory; stored_key(path): a leaf's key path in it (default: the path's parts as
+    strings, the layout of a model checkpoint's state/)."""
+
+    def __init__(self, state_dir: Path, abstract: dict[tuple, jax.ShapeDtypeStruct], order: list, batch_bytes: int,
+                 stored_key: Callable[[tuple], tuple[str, ...]] = lambda path: tuple(map(str, path))):  # fmt: skip
+        self._state_dir = Path(state_dir).absolute()
+        self._stored_key = stored_key
         self._abstract = abstract
         self._batches: list[list[tuple]] = [[]]
         size = 0
@@ -170,10 +175,11 @@ class CheckpointLeaves:
         target: dict = {}
         for path in paths:
             node = target
-            for key in path[:-1]:
-                node = node.setdefault(str(key), {})
+            *parents, name = self._stored_key(path)
+            for key in parents:
+                node = node.setdefault(key, {})
             leaf = self._abstract[path]
-            node[str(path[-1])] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+            node[name] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
         restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), target)
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(
@@ -183,8 +189,8 @@ class CheckpointLeaves:
         values = {}
         for path in paths:
             node = restored
-            for key in path:
-                node = node[str(key)]
+            for key in self._stored_key(path):
+                node = node[key]
             values[path] = node
         return values
 
@@ -198,5 +204,5 @@ def checkpoint_tensors(
     _, params, _ = split_abstract(config)
     abstract = {path: variable.get_value() for path, variable in nnx.to_flat_state(params)}
     order = list(model_plan(config, params))
-    leaves = CheckpointLeaves(Path(directory), abstract, order, batch_bytes)
+    leaves = CheckpointLeaves(Path(directory) / STATE_DIR, abstract, order, batch_bytes)
     return config, export_tensors(config, params, leaves, dtype=dtype, order="leaf")

@@ -5,7 +5,8 @@ Each batch is a dict of numpy arrays, all [rows, seq_len]:
   targets     int32  next-token ids
   segment_ids int32  1, 2, ... per packed document; 0 = padding (attention and lightning state never cross)
   positions   int32  position within its document (restarts at 0 in each segment)
-  loss_mask   float32 1 where the target is a real token
+  loss_mask   float32 1 where the target is a real token the loss learns (fine-tuning records: only the completion,
+              `ring_jax.data.sft`)
 Documents are tokenized as [BOS] + ids + [EOS] (when the tokenizer has them); documents longer than
 seq_len + 1 tokens are cut into windows that become separate segments. Memory does not grow with the document:
 a document is read, tokenized and cut into windows a piece at a time (`_DocumentWindows`). Documents without text
@@ -23,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ring_jax.data import sources, synthetic
+from ring_jax.data import heldout, sft, sources, synthetic
 from ring_jax.data.errors import DataError
 from ring_jax.data.sources import Document
 from ring_jax.data.tokenizers import Tokenizer, make_tokenizer
@@ -59,7 +60,8 @@ _NO_DOCUMENT: Iterator[dict[str, np.ndarray]] = iter(())  # exhausted: the itera
 
 
 class _DocumentWindows(grain.IterDataset):
-    """Documents (str or `sources.Document`) -> windows {'inputs', 'targets'} of at most seq_len next-token pairs.
+    """Documents (str or `sources.Document`) -> windows {'inputs', 'targets', 'loss_mask'} of at most seq_len
+    next-token pairs.
 
     Tokens are produced lazily, a text piece at a time, so a window is emitted as soon as seq_len + 1 tokens are
     there; the iterator state is (parent state before the current document, windows emitted from it).
@@ -128,22 +130,33 @@ class _DocumentWindowsIterator(grain.DatasetIterator):
 
     def _document_windows(self, document: str | Document) -> Iterator[dict[str, np.ndarray]]:
         n = self._spec.seq_len
-        buffer = np.zeros(0, np.int32)
-        for ids in self._document_ids(document):
-            buffer = np.concatenate([buffer, ids])
-            while len(buffer) > n:
-                yield {"inputs": buffer[:n].copy(), "targets": buffer[1:n + 1].copy()}
-                buffer = buffer[n:]
-        if len(buffer) >= 2:
-            yield {"inputs": buffer[:-1].copy(), "targets": buffer[1:].copy()}
+        tokens, learned = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        for ids, ids_learned in self._document_ids(document):
+            tokens, learned = np.concatenate([tokens, ids]), np.concatenate([learned, ids_learned])
+            while len(tokens) > n:
+                yield {"inputs": tokens[:n].copy(), "targets": tokens[1:n + 1].copy(),
+                       "loss_mask": learned[1:n + 1].copy()}  # fmt: skip
+                tokens, learned = tokens[n:], learned[n:]
+        if len(tokens) >= 2:
+            yield {"inputs": tokens[:-1].copy(), "targets": tokens[1:].copy(), "loss_mask": learned[1:].copy()}
 
-    def _document_ids(self, document: str | Document) -> Iterator[np.ndarray]:
-        """[BOS] + token ids + [EOS] in pieces (int32, checked against the vocabulary); nothing for an empty text."""
-        tokenizer = self._spec.tokenizer
+    def _document_ids(self, document: str | Document) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(token ids int32, learned float32) in pieces, the ids checked against the vocabulary: a fine-tuning
+        record whole (`sft.encode`), text as [BOS] + ids + [EOS], every token learned; nothing for an empty text."""
         if isinstance(document, str):
-            where, pieces = f"a document of data.source={self._spec.source_name!r}", iter([document])
+            where, content = f"a document of data.source={self._spec.source_name!r}", iter([document])
         else:
-            where, pieces = document.where, document.pieces()
+            where, content = document.where, document.read()
+        if isinstance(content, dict):
+            tokens, learned = sft.encode(content, self._spec.tokenizer)
+            self._check_ids(tokens, where)
+            yield tokens, learned
+            return
+        for ids in self._text_ids(content, where):
+            yield ids, np.ones(len(ids), np.float32)
+
+    def _text_ids(self, pieces: Iterator[str], where: str) -> Iterator[np.ndarray]:
+        tokenizer = self._spec.tokenizer
         bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         started = False
         for text in _whitespace_cut_pieces(pieces):
@@ -176,7 +189,7 @@ class _FromPacked(grain.transforms.Map):
             "targets": packed["targets"].astype(np.int32),
             "segment_ids": segment_ids,
             "positions": packed["inputs_positions"].astype(np.int32),
-            "loss_mask": (segment_ids > 0).astype(np.float32),
+            "loss_mask": packed["loss_mask"].astype(np.float32) * (segment_ids > 0),
         }
 
 
@@ -195,15 +208,16 @@ class _PadOne(grain.transforms.Map):
             "targets": np.pad(window["targets"], (0, pad)).astype(np.int32),
             "segment_ids": valid,
             "positions": np.concatenate([np.arange(n, dtype=np.int32), np.zeros(pad, np.int32)]),
-            "loss_mask": valid.astype(np.float32),
+            "loss_mask": np.pad(window["loss_mask"], (0, pad)).astype(np.float32),
         }
 
 
 def make_source(data_config: ml_collections.ConfigDict):
-    """The random-access document source named by `data.source`."""
+    """The random-access document source named by `data.source`, less its held-out documents (`heldout`)."""
     if data_config.source == "default":
         return synthetic.SyntheticSource(data_config.num_default_documents, seed=data_config.shuffle_seed)
-    return sources.make_file_source(data_config.source, data_config.format, data_config.text_field)
+    documents = sources.make_file_source(data_config.source, data_config.format, data_config.text_field)
+    return heldout.training_documents(data_config, documents)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, tokenizer_spec: str) -> None:
@@ -224,8 +238,10 @@ def make_dataset(
     vocab_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    held_out: bool = False,
 ) -> grain.IterDataset:
-    """Infinite, deterministic IterDataset of this process's batches [global_batch / processes, seq_len].
+    """Infinite, deterministic IterDataset of this process's batches [global_batch / processes, seq_len]; with
+    `held_out`, the batches of the held-out documents (`ring_jax.data.heldout`), read once in order.
 
     The documents are split into `data.num_shards` shards (0: one per process), each packed into its own rows:
     a process reads the shards of its rows, so the global batch does not depend on how many processes load it.
@@ -242,9 +258,10 @@ def make_dataset(
     rows = global_batch_size // num_shards
     tokenizer = make_tokenizer(data_config.tokenizer)
     check_tokenizer_fits(tokenizer, vocab_size, data_config.tokenizer)
-    source = make_source(data_config)
+    source = heldout.held_out_documents(data_config) if held_out else make_source(data_config)
     per_process = num_shards // process_count
-    shards = [_shard_batches(data_config, source, tokenizer, seq_len, rows, vocab_size, index, num_shards)
+    shards = [_shard_batches(data_config, source, tokenizer, seq_len, rows, vocab_size, index, num_shards,
+                             repeat=not held_out)
               for index in range(process_index * per_process, (process_index + 1) * per_process)]  # fmt: skip
     batches = shards[0] if len(shards) == 1 else grain.experimental.ZipIterDataset(shards).map(_ConcatRows())
     if data_config.worker_count > 0:
@@ -258,17 +275,20 @@ class _ConcatRows(grain.transforms.Map):
 
 
 def _shard_batches(data_config, source, tokenizer: Tokenizer, seq_len: int, rows: int, vocab_size: int, shard: int,
-                   num_shards: int) -> grain.IterDataset:  # fmt: skip
-    """Batches [rows, seq_len] of the documents of one shard (documents shard, shard + num_shards, ...)."""
+                   num_shards: int, repeat: bool = True) -> grain.IterDataset:  # fmt: skip
+    """Batches [rows, seq_len] of the documents of one shard (documents shard, shard + num_shards, ...): shuffled
+    and repeated forever, or (repeat=False) read once in order."""
     documents = grain.MapDataset.source(source)[shard::num_shards]
     if len(documents) == 0:
         raise DataError(f"data.source: data shard {shard} of {num_shards} gets no documents ({len(source)} in total)")
-    shuffled = documents.shuffle(seed=data_config.shuffle_seed).repeat().to_iter_dataset()
-    windows = _DocumentWindows(shuffled, tokenizer=tokenizer, seq_len=seq_len, vocab_size=vocab_size,
-                               num_documents=len(documents), source_name=data_config.source)
+    num_documents = len(documents)
+    if repeat:
+        documents = documents.shuffle(seed=data_config.shuffle_seed).repeat()
+    windows = _DocumentWindows(documents.to_iter_dataset(), tokenizer=tokenizer, seq_len=seq_len,
+                               vocab_size=vocab_size, num_documents=num_documents, source_name=data_config.source)
     if data_config.packing:
         rows_ds = grain.experimental.FirstFitPackIterDataset(
-            windows, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=rows,
+            windows, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}, num_packing_bins=rows,
             seed=data_config.shuffle_seed, shuffle_bins=False,
         ).map(_FromPacked())
     else:

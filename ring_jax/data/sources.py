@@ -1,11 +1,13 @@
 """Random-access document sources for local files: .txt, .jsonl and ArrayRecord.
 
-A source's items are documents: small handles whose `pieces()` read, decode and yield the text in pieces of at
-most `PIECE_CHARS` characters, so a document of any length is never held in memory whole. `.txt`: one document
-per file. `.jsonl`: one JSON object per non-blank line, text in `text_field` (lines are indexed by byte offset;
-lines longer than `WHOLE_LINE_BYTES` are parsed as a stream). ArrayRecord: each record is a UTF-8 JSON object with
-`text_field` (a record starting with '{') or plain UTF-8 text; a record itself is read whole, as ArrayRecord does.
-Invalid UTF-8 or JSON, empty files and unreadable files raise DataError naming the file (and line or record).
+A source's items are documents: small handles whose `read()` gives the text in pieces of at most `PIECE_CHARS`
+characters (so a document of any length is never held in memory whole), or, for a fine-tuning record, the checked
+record (`FineTuningRecord`; `ring_jax.data.sft` says which of its tokens are learned). `.txt`: one document per file.
+`.jsonl`: one JSON object per non-blank line, text in `text_field` or a fine-tuning record (lines are indexed by byte
+offset; lines longer than `WHOLE_LINE_BYTES` are parsed as a stream and must hold `text_field`). ArrayRecord: each
+record is a UTF-8 JSON object as in `.jsonl` (a record starting with '{') or plain UTF-8 text; a record itself is
+read whole, as ArrayRecord does. Invalid UTF-8 or JSON, empty files and unreadable files raise DataError naming the
+file (and line or record).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import glob
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import grain
 import numpy as np
@@ -34,24 +36,28 @@ _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".arrayre
                    ".array_record": "arrayrecord"}
 
 
+FineTuningRecord = dict[str, Any]  # a checked {"prompt", "completion"} or {"messages"} record
+
+
 class Document(Protocol):
-    """A document of a file source: `where` names it in errors; `pieces()` yields its text, a piece at a time."""
+    """A document of a file source: `where` names it in errors; `read()` gives its text, a piece at a time, or the
+    fine-tuning record it holds."""
 
     where: str
 
-    def pieces(self) -> Iterator[str]: ...
+    def read(self) -> Iterator[str] | FineTuningRecord: ...
 
 
-def resolve_paths(source: str) -> list[str]:
-    """Comma-separated paths or globs -> sorted existing files; raises DataError naming missing ones."""
+def resolve_paths(source: str, field: str = "data.source") -> list[str]:
+    """Comma-separated paths or globs -> sorted existing files; raises DataError naming `field` and missing ones."""
     paths: list[str] = []
     for pattern in (p.strip() for p in source.split(",") if p.strip()):
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches:
-            raise DataError(f"data.source: no file matches {pattern!r} (cwd {os.getcwd()})")
+            raise DataError(f"{field}: no file matches {pattern!r} (cwd {os.getcwd()})")
         for match in matches:
             if os.path.isdir(match):
-                raise DataError(f"data.source: {match!r} is a directory; pass files or a glob")
+                raise DataError(f"{field}: {match!r} is a directory; pass files or a glob")
             paths.append(match)
     return paths
 
@@ -101,13 +107,36 @@ def _utf8_pieces(chunks: Iterator[bytes], where: Callable[[int], str]) -> Iterat
         raise DataError(f"data.source: {where(line)}: ends inside a UTF-8 character ({e.reason})") from None
 
 
-def _text_of(record: object, field: str, where: str) -> str:
-    if not isinstance(record, dict) or field not in record:
-        raise DataError(f"data.text_field: {where} has no field {field!r}")
-    text = record[field]
-    if not isinstance(text, str):
-        raise DataError(f"data.text_field: {where} field {field!r} is {type(text).__name__}, not a string")
-    return text
+def _record_content(record: object, text_field: str, where: str) -> Iterator[str] | FineTuningRecord:
+    """What a JSON record holds: its `text_field` string (in pieces), else a prompt/completion or messages record.
+
+    Raises DataError naming `where` for a record with none of these fields or with mistyped ones."""
+    if isinstance(record, dict) and text_field in record:
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"data.text_field: {where} field {text_field!r} is {type(text).__name__}, not a string")
+        return _slices(text)
+    if isinstance(record, dict) and "prompt" in record and "completion" in record:
+        for field in ("prompt", "completion"):
+            if not isinstance(record[field], str):
+                raise DataError(f"data.source: {where} field {field!r} is {type(record[field]).__name__}, not a string")
+        return {"prompt": record["prompt"], "completion": record["completion"]}
+    if isinstance(record, dict) and "messages" in record:
+        return {"messages": _checked_messages(record["messages"], where)}
+    raise DataError(f"data.text_field: {where} has no field {text_field!r} (nor 'prompt' + 'completion', nor "
+                    f"'messages' for fine-tuning)")  # fmt: skip
+
+
+def _checked_messages(messages: object, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"data.source: {where} field 'messages' must be a non-empty list of {{role, content}}")
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):  # fmt: skip
+            raise DataError(f"data.source: {where} messages[{index}] needs string 'role' and 'content' fields")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"data.source: {where} has no assistant message to learn")
+    return messages
 
 
 def _slices(text: str) -> Iterator[str]:
@@ -115,17 +144,17 @@ def _slices(text: str) -> Iterator[str]:
         yield text[start:start + PIECE_CHARS]
 
 
-def _json_pieces(read_whole: Callable[[], bytes], chunks: Callable[[], Iterator[bytes]], size: int, field: str,
-                 where: str) -> Iterator[str]:
-    """Text of `field` in a JSON object of `size` bytes: json.loads when small, the streaming scanner otherwise."""
+def _json_content(read_whole: Callable[[], bytes], chunks: Callable[[], Iterator[bytes]], size: int, field: str,
+                  where: str) -> Iterator[str] | FineTuningRecord:
+    """What a JSON object of `size` bytes holds: parsed whole (json.loads) when small; a larger one is streamed and
+    must hold the text in `field`."""
     if size > WHOLE_LINE_BYTES:
-        yield from string_field_pieces(chunks(), field, where)
-        return
+        return string_field_pieces(chunks(), field, where)
     try:
         record = json.loads(read_whole())
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise DataError(f"data.source: {where} is not valid JSON ({e})") from None
-    yield from _slices(_text_of(record, field, where))
+    return _record_content(record, field, where)
 
 
 class TextFileDocument:
@@ -133,7 +162,7 @@ class TextFileDocument:
         self.path = path
         self.where = path
 
-    def pieces(self) -> Iterator[str]:
+    def read(self) -> Iterator[str]:
         return _utf8_pieces(_file_chunks(self.path), lambda line: f"{self.path} line {line}")
 
 
@@ -163,8 +192,8 @@ class JsonlLineDocument:
             f.seek(self._start)
             return f.read(self._end - self._start)
 
-    def pieces(self) -> Iterator[str]:
-        return _json_pieces(self._read_whole, lambda: _file_chunks(self._path, self._start, self._end),
+    def read(self) -> Iterator[str] | FineTuningRecord:
+        return _json_content(self._read_whole, lambda: _file_chunks(self._path, self._start, self._end),
                             self._end - self._start, self._field, self.where)
 
 
@@ -227,9 +256,9 @@ class RecordDocument:
         self._data, self._field = data, field
         self.where = where
 
-    def pieces(self) -> Iterator[str]:
+    def read(self) -> Iterator[str] | FineTuningRecord:
         if self._data.lstrip()[:1] == b"{":
-            return _json_pieces(lambda: self._data, lambda: _memory_chunks(self._data), len(self._data),
+            return _json_content(lambda: self._data, lambda: _memory_chunks(self._data), len(self._data),
                                 self._field, self.where)
         return _utf8_pieces(_memory_chunks(self._data), lambda line: f"{self.where} line {line}")
 
@@ -286,10 +315,11 @@ class ConcatSource:
         raise IndexError(index)
 
 
-def make_file_source(source: str, data_format: str, text_field: str):
-    """Builds one random-access source over all files named by `source` (comma-separated paths/globs)."""
+def make_file_source(source: str, data_format: str, text_field: str, field: str = "data.source"):
+    """Builds one random-access source over all files named by `source` (comma-separated paths/globs, the value of
+    config `field`)."""
     by_format: dict[str, list[str]] = {}
-    for path in resolve_paths(source):
+    for path in resolve_paths(source, field):
         by_format.setdefault(infer_format(path, data_format), []).append(path)
     sources = []
     for fmt, paths in by_format.items():

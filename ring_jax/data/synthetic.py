@@ -85,11 +85,13 @@ def verify(prompt: str, completion: str) -> bool:
 
 
 class SyntheticSource:
-    """grain random-access source of `num_documents` generated documents (strings)."""
+    """grain random-access source of `num_documents` generated documents (strings): indices first_index, ...;
+    training reads those from 0, the held-out set (`ring_jax.data.heldout`) those past the training ones."""
 
-    def __init__(self, num_documents: int, seed: int = 0):
+    def __init__(self, num_documents: int, seed: int = 0, first_index: int = 0):
         self._num_documents = num_documents
         self._seed = seed
+        self._first_index = first_index
 
     def __len__(self) -> int:
         return self._num_documents
@@ -97,7 +99,7 @@ class SyntheticSource:
     def __getitem__(self, index: int) -> str:
         if not 0 <= index < self._num_documents:
             raise IndexError(index)
-        return example(self._seed, int(index)).text
+        return example(self._seed, self._first_index + int(index)).text
 
     def __repr__(self) -> str:
-        return f"SyntheticSource(num_documents={self._num_documents}, seed={self._seed})"
+        return f"SyntheticSource({self._num_documents} documents from index {self._first_index}, seed={self._seed})"

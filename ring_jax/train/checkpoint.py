@@ -14,10 +14,10 @@ the first mismatching parameter.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import grain
@@ -34,10 +34,10 @@ from ring_jax.errors import RingJaxError
 from ring_jax.layers.moe import ExpertBias
 from ring_jax.model import RingLinearModel
 from ring_jax.sharding import state_shardings
+from ring_jax.train.run_config import CONFIG_FILE, read_workdir_config
 from ring_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"  # under the workdir
-CONFIG_FILE = "config.json"  # the resolved training config, under the workdir
 
 log = logging.getLogger(__name__)
 
@@ -245,19 +245,42 @@ class RestoredParams(NamedTuple):
     expert_bias: nnx.State
 
 
-def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a training run saved as WORKDIR/config.json (one-line error when missing or invalid)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is {workdir!r} a training workdir?)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
-        raise ValueError(f"{path}: expected a training config with a 'model' section")
-    return ml_collections.ConfigDict(values)
+def is_workdir(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a training workdir (a checkpoints/ folder and the run's config.json)."""
+    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def saved_step(workdir: str | os.PathLike, step: int | None = None) -> int:
+    """`step` (default: the latest) among the complete checkpoints of WORKDIR/checkpoints (a save killed midway is
+    never one); FileNotFoundError naming the directory when there is none or `step` is not saved."""
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    missing = f"{directory}: no complete checkpoint (train first, or wait for a save to finish)"
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(missing)
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(directory, options=options, item_names=("state", "data")) as manager:
+        steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(missing)
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (saved steps: {steps})")
+    return steps[-1] if step is None else step
+
+
+def state_directory(workdir: str | os.PathLike, step: int) -> Path:
+    """The Orbax item directory holding the train state of a saved step."""
+    return Path(workdir).absolute() / CHECKPOINT_DIR / str(step) / "state"
+
+
+def stored_keys(params: nnx.State) -> dict[tuple, tuple[str, ...]]:
+    """{model path: key path in a training checkpoint's state item} of every Param and ExpertBias leaf of `params`
+    (a persistent model state): the TrainState field, the variable's path, its value's attribute."""
+    keys = {}
+    for path, variable in nnx.to_flat_state(params):
+        field = "expert_bias" if isinstance(variable, ExpertBias) else "params"
+        ((inner, _),) = jax.tree_util.tree_flatten_with_path(variable)[0]  # the variable's value leaf: ('value',)
+        keys[path] = (field, *map(str, path), *(str(getattr(k, "name", getattr(k, "key", k))) for k in inner))
+    return keys
 
 
 def restore_params(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> RestoredParams:
@@ -269,39 +292,25 @@ def restore_params(workdir: str, step: int | None = None, *, mesh: jax.sharding.
     """
     config = read_workdir_config(workdir)
     model_config = ModelConfig.from_config(config.model)
-    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    missing = f"{directory}: no complete checkpoint (train first, or wait for a save to finish)"
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(missing)
-    options = ocp.CheckpointManagerOptions(create=False)
-    manager = ocp.CheckpointManager(directory, options=options, item_names=("state",))
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(missing)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (saved steps: {steps})")
-
+    step = saved_step(workdir, step)
     _, params, expert_bias, _ = nnx.split(nnx.eval_shape(lambda: _new_model(model_config)), nnx.Param, ExpertBias, ...)
-    target = {"params": params, "expert_bias": expert_bias}
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, target)
-    else:
-        shardings = {name: state_shardings(tree, mesh) for name, tree in target.items()}
-    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                            target, shardings)  # fmt: skip
-    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), abstract)
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
-            ),
-        )["state"]
-    finally:
-        manager.close()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def placed(tree: nnx.State) -> nnx.State:  # each variable's value: a ShapeDtypeStruct with its sharding
+        shardings = jax.tree.map(lambda _: device, tree, is_leaf=is_variable) if mesh is None else \
+            state_shardings(tree, mesh)  # fmt: skip
+        return jax.tree.map(lambda v, sharding: v.replace(jax.ShapeDtypeStruct(v.get_value().shape,
+                                                                               v.get_value().dtype, sharding=sharding)),
+                            tree, shardings, is_leaf=is_variable)  # fmt: skip
+
+    target = {"params": placed(params), "expert_bias": placed(expert_bias)}
+    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            state_directory(workdir, step),
+            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+        )
     return RestoredParams(step, config, restored["params"], restored["expert_bias"])
 
 

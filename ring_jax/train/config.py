@@ -37,9 +37,12 @@ def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     train.autotune_kernels = True  # GPU: search tokamax grouped-matmul configs for the step's shapes before compiling
     train.nan_policy = "stop"  # 'stop': raise naming the step; 'skip': drop the update and continue
     train.max_skipped_steps = 10  # with nan_policy='skip', stop after this many consecutive skipped steps
+    train.eval_every = 0  # steps between evaluations on the held-out documents (ring_jax.data.heldout); 0: none
+    train.eval_batches = 4  # held-out batches (batch_size x seq_len) in each eval loss
+    train.eval_task_examples = 60  # synthetic held-out set: task examples whose greedy answers are scored; 0: none
 
     optim = ml_collections.ConfigDict()
-    optim.learning_rate = 3e-4  # peak learning rate
+    optim.learning_rate = 3e-4  # peak learning rate (0: the weights never change, e.g. to evaluate or export)
     optim.b1 = 0.9
     optim.b2 = 0.95
     optim.eps = 1e-8
@@ -64,12 +67,19 @@ def training_defaults() -> dict[str, ml_collections.ConfigDict]:
     data.worker_count = 0  # grain worker processes (0 = in-process, deterministic and checkpointable)
     data.num_shards = 0  # document shards, each packed into its own rows; 0 = one per process (fix it to keep the
     #                      global batches of a run independent of its process count)
+    data.eval_source = ""  # held-out documents: paths / globs, or 'default' (synthetic); '' = from data.source
+    data.eval_fraction = 0.0  # fraction of data.source's documents held out of training (when eval_source is '')
 
     checkpoint = ml_collections.ConfigDict()
     checkpoint.every_n_steps = 500  # 0 disables periodic saves (a final save still happens)
     checkpoint.keep = 3  # number of most recent checkpoints kept
     checkpoint.async_save = True
     checkpoint.save_on_finish = True
+    checkpoint.init_from = ""  # start a new run from these weights (ring_jax.train.init_from): an HF folder or hub id,
+    #                            a `convert from-hf` output, or another run's workdir; fresh optimizer
+    checkpoint.init_from_overrides = ""  # comma-separated config.model fields kept from this config rather than taken
+    #                                      from init_from's (train.py adds the --config.model.* flags it was given)
+    checkpoint.hf_export_every = 0  # steps between HF exports (config.json + safetensors) to WORKDIR/hf/step_N; 0: none
 
     mesh = ml_collections.ConfigDict()
     mesh.data = 1  # -1 means "all remaining devices"
@@ -130,8 +140,11 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
         _check_finite(config[section], section)
     train, optim, data, ckpt, mesh = config.train, config.optim, config.data, config.checkpoint, config.mesh
 
-    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "max_skipped_steps"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "max_skipped_steps",
+                 "eval_batches"):  # fmt: skip
         _check_positive_int(train, name, "train")
+    for name in ("eval_every", "eval_task_examples"):
+        _check_positive_int(train, name, "train", allow_zero=True)
     _check_positive_int(train, "stop_at_step", "train", allow_zero=True)
     _require(train.batch_size % train.grad_accum_steps == 0, "train.batch_size",
              f"must be divisible by train.grad_accum_steps={train.grad_accum_steps}", train.batch_size)
@@ -141,7 +154,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _require(train.nan_policy in NAN_POLICIES, "train.nan_policy", f"must be one of {NAN_POLICIES}",
              train.nan_policy)
 
-    _require(optim.learning_rate > 0, "optim.learning_rate", "must be > 0", optim.learning_rate)
+    _require(optim.learning_rate >= 0, "optim.learning_rate", "must be >= 0", optim.learning_rate)
     for name in ("b1", "b2"):
         _require(0 <= optim[name] < 1, f"optim.{name}", "must be in [0, 1)", optim[name])
     _require(optim.eps > 0, "optim.eps", "must be > 0", optim.eps)
@@ -163,9 +176,14 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _check_positive_int(data, "num_default_documents", "data")
     _check_positive_int(data, "worker_count", "data", allow_zero=True)
     _check_positive_int(data, "num_shards", "data", allow_zero=True)
+    _require(isinstance(data.eval_source, str), "data.eval_source", "must be paths / globs, 'default' or ''",
+             data.eval_source)  # fmt: skip
+    _require(0 <= data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", data.eval_fraction)
 
     _check_positive_int(ckpt, "every_n_steps", "checkpoint", allow_zero=True)
     _check_positive_int(ckpt, "keep", "checkpoint")
+    _check_positive_int(ckpt, "hf_export_every", "checkpoint", allow_zero=True)
+    _require(isinstance(ckpt.init_from, str), "checkpoint.init_from", "must be a path, a hub id or ''", ckpt.init_from)
 
     for axis in MESH_AXES:
         size = mesh[axis]

@@ -24,12 +24,15 @@ from jax.experimental import multihost_utils
 from ring_jax.config import ModelConfig
 from ring_jax.data.pipeline import make_dataset
 from ring_jax.sharding import make_mesh
+from ring_jax.train import init_from
 from ring_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, has_checkpoints
+from ring_jax.train.evaluate import Evaluator, make_evaluator
+from ring_jax.train.export import make_exporter
 from ring_jax.train.metrics import MetricsWriter, ProgressBar
 from ring_jax.train.optim import effective_warmup_steps, make_optimizer
 from ring_jax.train.run_config import check_resume_config, save_config
 from ring_jax.train.state import StateFactory, validate
-from ring_jax.train.step import make_train_step
+from ring_jax.train.step import global_batch, make_train_step
 from ring_jax.train.tuning import KERNEL_TUNING_FILE, tune_kernels
 from ring_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
@@ -107,14 +110,17 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str, checkp
         print(f"train: resuming with changed runtime settings: {'; '.join(changes)}", flush=True)
 
 
-def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
-
-
 def _save(checkpointer: Checkpointer, step: int, state, data_iterator) -> bool:
     if jax.process_index() == 0:
         print(f"checkpoint: saving step {step}", flush=True)
     return checkpointer.save(step, state, data_iterator)
+
+
+def _evaluate(evaluator: Evaluator, step: int, state, writer: MetricsWriter) -> None:
+    metrics = evaluator.run(state)
+    writer.write(step, metrics)
+    if jax.process_index() == 0:
+        print(f"eval: step {step} " + " ".join(f"{key} {value:.4f}" for key, value in metrics.items()), flush=True)
 
 
 def _any_process(flag: bool) -> bool:
@@ -131,15 +137,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     changing the schedule, which always spans `train.steps`; a later call continues from there. The workdir is
     locked for the whole call: a second run on it raises WorkdirLockedError naming the holder.
     """
+    config, init_source = init_from.resolve(config)  # config.model follows checkpoint.init_from's weights
     model_config = validate(config)
     if stop_at_step is None and config.train.stop_at_step:
         stop_at_step = config.train.stop_at_step
     with _exclusive_workdir(workdir):
-        return _train_locked(config, model_config, workdir, stop_at_step)
+        return _train_locked(config, model_config, init_source, workdir, stop_at_step)
 
 
-def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig, workdir: str,
-                  stop_at_step: int | None) -> TrainResult:
+def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig,
+                  init_source: init_from.InitSource | None, workdir: str, stop_at_step: int | None) -> TrainResult:
     train_cfg, ckpt_cfg, log_cfg = config.train, config.checkpoint, config.logging
     checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
     _check_resume_config(config, workdir, checkpoint_dir)  # before anything in the workdir is written
@@ -155,6 +162,8 @@ def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig, 
     mesh = make_mesh(config.mesh, use_all=True)
     tx, _ = make_optimizer(config.optim, train_cfg.steps)
     factory = StateFactory(model_config, tx, mesh, seed=train_cfg.seed)
+    evaluator = make_evaluator(factory, config)  # held-out data checked before anything compiles
+    exporter = make_exporter(workdir, config, model_config)
     checkpointer = Checkpointer(checkpoint_dir, every_n_steps=ckpt_cfg.every_n_steps, keep=ckpt_cfg.keep,
                                 async_save=ckpt_cfg.async_save)
     try:
@@ -162,7 +171,11 @@ def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig, 
     except BaseException:
         checkpointer.close()
         raise
-    latest, state = resumed if resumed is not None else (None, factory.init())
+    if resumed is not None:
+        latest, state = resumed
+    else:
+        latest = None
+        state = factory.init() if init_source is None else init_from.initial_state(factory, init_source)
     if jax.process_index() == 0:
         save_config(config, workdir)  # only once the checkpoint is known to fit this config
     start_step = int(jax.device_get(state.step))
@@ -230,9 +243,15 @@ def _train_locked(config: ml_collections.ConfigDict, model_config: ModelConfig, 
             end_step = train_cfg.steps if stop_at_step is None else min(stop_at_step, train_cfg.steps)
             stop = False
             while step < end_step and not stop:
-                batch = _global_batch(next(data_iterator), batch_sharding)
+                batch = global_batch(next(data_iterator), batch_sharding)
                 state, metrics = train_step(state, batch)
                 step += 1
+                paused = time.perf_counter()
+                if evaluator is not None and evaluator.due(step):
+                    _evaluate(evaluator, step, state, writer)
+                if exporter is not None and exporter.due(step):
+                    exporter.export(step, state)
+                window_start += time.perf_counter() - paused  # tokens/s counts the training steps only
                 if pending is not None:
                     finish_step(*pending)
                 pending = (step, metrics)

@@ -18,7 +18,7 @@ import ml_collections
 from ring_jax.config import model_fields
 from ring_jax.errors import ConfigError
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "config.json"  # the resolved training config, under the workdir
 _MISSING = "<absent>"
 
 
@@ -92,3 +92,18 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run saved as WORKDIR/config.json (one-line error when missing or invalid)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is {workdir!r} a training workdir?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        raise ValueError(f"{path}: expected a training config with a 'model' section")
+    return ml_collections.ConfigDict(values)

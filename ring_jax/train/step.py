@@ -3,11 +3,13 @@ NaN/Inf guard, then the aux-loss-free expert-bias update (docs/architecture.md#l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -26,6 +28,11 @@ def abstract_batch(batch_size: int, seq_len: int, sharding: jax.sharding.Shardin
     """Shapes of a global training batch, for lowering the step without data."""
     return {name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
             for name, dtype in BATCH_DTYPES.items()}  # fmt: skip
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> Batch:
+    """This process's rows of a batch (numpy) as global arrays with `sharding`."""
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
 
 
 def mtp_targets(batch: Batch, depth: int) -> tuple[jax.Array, jax.Array]:
@@ -47,6 +54,28 @@ def update_expert_bias(bias: jax.Array, load: jax.Array, rate: float, zero_mean:
 def load_imbalance(expert_load: jax.Array) -> jax.Array:
     """[num_moe_layers, E] token counts -> [num_moe_layers] max/mean load (1 = perfectly balanced)."""
     return jnp.max(expert_load, axis=-1) / jnp.maximum(jnp.mean(expert_load, axis=-1), 1e-9)
+
+
+def make_lm_head_loss(train: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+    """`loss(model, hidden [b, s, h], targets [b, s], weights [b, s]) -> sum of weights * token cross-entropy` (fp32
+    scalar): the lm_head fused with the loss (`train.loss_implementation`, `train.loss_chunk_size`), each device
+    taking the loss of its own tokens under a mesh (one partial sum per shard, added outside)."""
+    tokens = ("activation_tokens",)
+    per_shard_loss = per_shard(
+        lambda hidden, kernel, targets, weights: linear_cross_entropy(
+            hidden, kernel, targets, weights, implementation=train.loss_implementation,
+            chunk_size=train.loss_chunk_size,
+        )[None],
+        in_names=((*tokens, None), None, tokens, tokens),
+        out_names=tokens,
+    )  # fmt: skip
+
+    def loss(model: nnx.Module, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+        kernel = model.lm_head.kernel[...].astype(hidden.dtype)  # cast before a mesh gathers it
+        return jnp.sum(per_shard_loss(hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1),
+                                      weights.reshape(-1)))  # fmt: skip
+
+    return loss
 
 
 def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) -> Callable:
@@ -77,11 +106,7 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
             compute_logits=False,  # the lm_head runs fused with the loss
         )
 
-        def lm_head_loss(hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-            kernel = model.lm_head.kernel[...].astype(hidden.dtype)  # cast before a mesh gathers it
-            return jnp.sum(per_shard_loss(hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1),
-                                          weights.reshape(-1)))  # fmt: skip
-
+        lm_head_loss = functools.partial(weighted_lm_head_loss, model)
         ce = lm_head_loss(out.hidden_states, micro["targets"], micro["loss_mask"] / total_tokens)
         mtp = jnp.zeros((), jnp.float32)
         for depth, mtp_hidden in enumerate(out.mtp_hidden_states, start=1):
@@ -98,16 +123,7 @@ def make_train_step(factory: StateFactory, config: ml_collections.ConfigDict) ->
         }
         return loss, aux
 
-    tokens = ("activation_tokens",)
-    # Each device takes the loss of its own tokens (one partial sum per shard, added outside).
-    per_shard_loss = per_shard(
-        lambda hidden, kernel, targets, weights: linear_cross_entropy(
-            hidden, kernel, targets, weights, implementation=train.loss_implementation,
-            chunk_size=train.loss_chunk_size,
-        )[None],
-        in_names=((*tokens, None), None, tokens, tokens),
-        out_names=tokens,
-    )  # fmt: skip
+    weighted_lm_head_loss = make_lm_head_loss(train)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
