@@ -210,6 +210,13 @@ def tiny_train_config(**overrides: Any) -> ml_collections.ConfigDict:
 # Child processes
 
 
+def cpu_devices_env(count: int) -> dict[str, str]:
+    """This process's environment for a child JAX process with `count` virtual CPU devices (the session's XLA flags
+    and compilation cache, see the root conftest.py, kept)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+
 class ChildProcess:
     """A command run in its own process group, stdout and stderr going to `log_file`.
 

@@ -17,7 +17,7 @@ from flax import nnx
 from reference.hf_checkpoint import random_state_dict, tiny_hf_config, write_hf_checkpoint
 from reference.torch_model import TorchRingLinear
 from safetensors import safe_open
-from support import REPO, jit_forward, tiny_config
+from support import REPO, cpu_devices_env, jit_forward, tiny_config
 
 from pallas_kernels.testing import relative_error
 from ring_jax.config import ModelConfig, model_defaults
@@ -364,7 +364,7 @@ print(json.dumps(out))
 
 def test_loading_onto_a_mesh(tmp_path):
     """from_hf / load_checkpoint place every tensor on its NamedSharding (4 CPU devices in a subprocess)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cpu_devices_env(4)
     run = subprocess.run(
         [sys.executable, "-c", MESH_SCRIPT, str(tmp_path)],
         cwd=REPO,

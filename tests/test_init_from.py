@@ -5,7 +5,6 @@ the problem before anything is written."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 from flax import nnx
 from reference.hf_checkpoint import random_state_dict, tiny_hf_config, write_hf_checkpoint
 from safetensors.numpy import load_file
-from support import TINY_MODEL, ChildProcess, tiny_train_config
+from support import TINY_MODEL, ChildProcess, cpu_devices_env, tiny_train_config
 
 from ring_jax.convert import from_hf, hf_to_checkpoint
 from ring_jax.convert.__main__ import main as cli_main
@@ -215,7 +214,7 @@ print(json.dumps(out))
 def test_weights_land_in_their_shards_on_a_mesh(tmp_path):
     """4 CPU devices, fsdp=2 x tensor=2: every leaf of the initial state has the train state's sharding and the
     source's exact values, from an HF folder and from a from-hf output."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cpu_devices_env(4)
     with ChildProcess([sys.executable, "-c", MESH_SCRIPT, str(tmp_path), json.dumps(HF_FIELDS)], env=env,
                       log_file=tmp_path / "mesh.log", timeout_s=600) as child:  # fmt: skip
         output = child.finish()

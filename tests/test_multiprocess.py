@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import ChildProcess
+from support import ChildProcess, cpu_devices_env
 
 TIMEOUT_S = 600
 TINY = [
@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 def _launch(workdir: Path, devices: int, extra: list[str], name: str) -> ChildProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = cpu_devices_env(devices)
     log_file = workdir.parent / f"{workdir.name}-{name}.log"
     command = [sys.executable, "train.py", f"--workdir={workdir}", *TINY, *extra]
     return ChildProcess(command, log_file=log_file, timeout_s=TIMEOUT_S, env=env)
