@@ -362,6 +362,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_loading_onto_a_mesh(tmp_path):
     """from_hf / load_checkpoint place every tensor on its NamedSharding (4 CPU devices in a subprocess)."""
     env = cpu_devices_env(4)

@@ -218,6 +218,7 @@ def test_bf16_compute_tracks_fp32(tiny_model):
     assert relative_error(out.logits, jit_forward(tiny_model)(tokens).logits) < 8e-2
 
 
+@pytest.mark.slow
 def test_model_with_pallas_kernels_in_interpret_mode(rng, tiny_model):
     """The GPU (Triton-lowered) lightning kernel inside the model, run by the Pallas interpreter on CPU."""
     tokens = _tokens(rng, tiny_model.config, seq=9)

@@ -50,6 +50,7 @@ def test_schedules_and_decay_mask():
     assert mask == {"norm": {"scale": False}, "proj": {"kernel": True}, "embed": {"embedding": True}}
 
 
+@pytest.mark.slow
 def test_no_weight_decay_on_the_model_norm_scales():
     """On the real parameter tree (an nnx.State of Params): zero gradients move kernels by decay, never norms."""
     config = tiny_train_config()
@@ -213,6 +214,7 @@ def test_mtp_loss_targets_stay_inside_documents():
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_scanned_cycles_train_like_unrolled_layers():
     """6 layers, G=3: layers 3-5 form a scanned cycle; every MoE layer's bias moves, scan == unrolled."""
     losses = []

@@ -34,6 +34,7 @@ def latest_step(workdir: Path) -> int | None:
         checkpointer.close()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_and_a_second_run_is_refused_meanwhile(tmp_path):
     workdir = tmp_path / "run"
     metrics = workdir / "metrics.jsonl"
