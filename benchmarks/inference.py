@@ -10,8 +10,9 @@ next). Both go through the generation code users run (`ring_jax.generate.engine`
   context; the KV cache is sized for the longest context, and the attention of a chunk only reads the filled part
   of it (tokamax's kernel is given the filled length), so a context's cost follows the context, not the cache;
 - decode: `decode_block` (a `lax.while_loop` of greedy steps, cache donated) at batch `--decode_batch`, or the
-  largest multiple of 8 whose cache fits the free memory (printed); the cache is sized context + the steps run
-  (attention cost follows the cache size) and filled with random keys/values/states, so one compile per context;
+  largest multiple of 8 whose cache and XLA temporaries fit the free memory (XLA's memory analysis of the compiled
+  step; the batch is printed); the cache is sized context + the steps run (attention cost follows the cache size)
+  and filled with random keys/values/states, so one compile per context (two when the batch must shrink);
 - decode-step parts at the same shapes, each jitted alone: an MoE feed-forward, a lightning attention block
   (projections + decode kernel on the fp32 state), a softmax attention block over the KV cache;
 - alignment (hybrid, fp32 lightning states): next-token log-probs of the training forward against prefill + decode
@@ -158,6 +159,8 @@ def prefill_case(graphdef: Any, state: Any, model: RingLinearModel, context: int
 
 def run_prefill(results: Results, layout: str, graphdef: Any, state: Any, model: RingLinearModel) -> None:
     prefill_contexts = contexts(_PREFILL.value, [4096, 16384])
+    if not prefill_contexts:  # --prefill_contexts= (empty): decode only
+        return
     cache_length = max(prefill_contexts)
     chunk = _PREFILL_CHUNK.value
 
@@ -191,15 +194,42 @@ def cache_bytes_per_sequence(model: RingLinearModel, length: int) -> int:
     return tree_bytes(shapes) - 8  # minus the length / left-padding scalars
 
 
-def fit_batch(model: RingLinearModel, length: int) -> int:
-    """--decode_batch, or the largest multiple of 8 whose cache fits the free device memory."""
+def free_bytes() -> float | None:
+    """Device bytes XLA may still allocate, minus --reserve_gb (None where the backend does not say)."""
     stats = memory()
-    wanted = _DECODE_BATCH.value
     if stats is None or "bytes_limit" not in stats:
-        return wanted
-    free = stats["bytes_limit"] - stats["bytes_in_use"] - _RESERVE_GB.value * 2**30
-    fits = int(free // cache_bytes_per_sequence(model, length))
-    return max(min(wanted, fits // 8 * 8 if fits >= 8 else fits), 0)
+        return None
+    return stats["bytes_limit"] - stats["bytes_in_use"] - _RESERVE_GB.value * 2**30
+
+
+def compile_decode(graphdef: Any, state: Any, model: RingLinearModel, batch: int, length: int, new_tokens: int):
+    """decode_block compiled from shapes alone for (batch, cache slots), and the device bytes a call needs besides
+    the weights: its donated state (the cache, updated in place) plus XLA's temporaries."""
+    cache = jax.eval_shape(lambda: model.init_cache(batch, length))
+    logits = jax.ShapeDtypeStruct((batch, model.config.vocab_size), jnp.float32)
+    decode = jax.eval_shape(lambda c, x: start_decode(c, x, new_tokens, NO_STOPS), cache, logits)
+    lowered = decode_block.lower(graphdef, state, decode, jnp.asarray(NO_STOPS), GREEDY, jax.random.key(0),
+                                 block=_DECODE_STEPS.value)  # fmt: skip
+    compiled = lowered.compile()
+    analysis = compiled.memory_analysis()
+    temporaries = analysis.temp_size_in_bytes if analysis is not None else 0
+    return compiled, tree_bytes(decode) + temporaries
+
+
+def fit_decode(graphdef: Any, state: Any, model: RingLinearModel, length: int, new_tokens: int):
+    """(compiled decode_block, batch): --decode_batch, or the largest multiple of 8 (or smaller batch) whose cache
+    and temporaries fit the free memory, by XLA's own memory analysis of the compiled program."""
+    free = free_bytes()
+    batch = _DECODE_BATCH.value
+    compiled, need = compile_decode(graphdef, state, model, batch, length, new_tokens)
+    while free is not None and need > free:
+        fits = int(free // (need / batch))  # cache and temporaries grow with the batch
+        smaller = fits // 8 * 8 if fits >= 8 else fits
+        batch = min(smaller, batch - (8 if batch > 8 else 1))
+        if batch < 1:
+            raise MemoryError(f"not even one sequence of {length} cache slots fits ({gib(need):.1f} GiB needed)")
+        compiled, need = compile_decode(graphdef, state, model, batch, length, new_tokens)
+    return compiled, batch
 
 
 def random_cache(model: RingLinearModel, batch: int, length: int, filled: int) -> ModelCache:
@@ -228,21 +258,18 @@ def decode_case(graphdef: Any, state: Any, model: RingLinearModel, context: int)
     steps, reps = _DECODE_STEPS.value, _DECODE_REPS.value
     new_tokens = steps * (reps + 1)
     length = -(-(context + new_tokens) // 128) * 128
-    batch = fit_batch(model, length)
-    if batch < 1:
-        raise MemoryError(f"not even one sequence of {length} cached tokens fits")
+    start = time.perf_counter()
+    run_block, batch = fit_decode(graphdef, state, model, length, new_tokens)
+    compile_seconds = time.perf_counter() - start
     cache = random_cache(model, batch, length, context)
     logits = jax.random.normal(jax.random.key(1), (batch, model.config.vocab_size), jnp.float32)
     decode = start_decode(cache, logits, new_tokens, NO_STOPS)
-    key = jax.random.key(0)
-    start = time.perf_counter()
-    decode = decode_block(graphdef, state, decode, jnp.asarray(NO_STOPS), GREEDY, key, block=steps)
-    jax.block_until_ready(decode.tokens)
-    compile_seconds = time.perf_counter() - start
+    args = (jnp.asarray(NO_STOPS), GREEDY, jax.random.key(0))
+    decode = jax.block_until_ready(run_block(state, decode, *args))  # the first block: warm-up
     seconds = []
     for _ in range(reps):
         start = time.perf_counter()
-        decode = decode_block(graphdef, state, decode, jnp.asarray(NO_STOPS), GREEDY, key, block=steps)
+        decode = run_block(state, decode, *args)
         jax.block_until_ready(decode.tokens)
         seconds.append(time.perf_counter() - start)
     if int(decode.step) != new_tokens:
@@ -253,7 +280,7 @@ def decode_case(graphdef: Any, state: Any, model: RingLinearModel, context: int)
         "cache_slots": length,
         "step_ms": step_seconds * 1e3,
         "tokens_per_second": batch / step_seconds,
-        "compile_and_first_block_s": compile_seconds,
+        "compile_s": compile_seconds,
         "cache_bytes_per_sequence": cache_bytes_per_sequence(model, context),
     }
 
@@ -341,7 +368,7 @@ def run_decode(results: Results, layout: str, graphdef: Any, state: Any, model: 
             continue
         log(
             f"{layout}: decode at {context:>6} cached tokens, batch {value['batch']}: {value['step_ms']:.2f} ms/step, "
-            f"{value['tokens_per_second']:,.0f} tok/s (compile + 1st block {value['compile_and_first_block_s']:.1f} s)"
+            f"{value['tokens_per_second']:,.0f} tok/s (compile {value['compile_s']:.1f} s)"
         )
         if _PARTS.value:
             parts = guarded(

@@ -405,25 +405,39 @@ class RingLinearModel(nnx.Module):
         plan, group = self.plan, self.config.layer_group_size
         graphdef, state = nnx.split(self.cycles)
         layer_indices = plan.first_cycle_layer + jnp.arange(plan.num_cycles * group).reshape(plan.num_cycles, group)
-        if caches is None:
-            caches = (None,) * group
 
-        def body(x: jax.Array, scanned: tuple[Any, jax.Array, tuple[LayerCache, ...]]):
-            cycle_state, indices, cycle_caches = scanned
+        # The stacked caches ride in the carry and each cycle writes its own entry back (dynamic_update_index):
+        # XLA then updates them in place. As scan inputs and outputs they would need a second buffer of their full
+        # size, which is what keeps a long KV cache from fitting.
+        def body(carry: tuple[jax.Array, Any], scanned: tuple[Any, jax.Array, jax.Array]):
+            x, all_caches = carry
+            cycle_state, indices, position = scanned
             cycle = nnx.merge(graphdef, cycle_state)
+            cycle_caches = (None,) * group
+            if all_caches is not None:
+                cycle_caches = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, position, 0, False),
+                                            all_caches)  # fmt: skip
             x, new_caches, cycle_stats, outputs = cycle(x, inputs, indices, cycle_caches)
+            if all_caches is not None:
+                all_caches = jax.tree.map(lambda leaf, new: jax.lax.dynamic_update_index_in_dim(leaf, new, position, 0),
+                                          all_caches, new_caches)  # fmt: skip
             outputs = outputs if layer_states is not None else ()  # scan outputs are kept only when asked for
-            return x, (new_caches, cycle_stats, nnx.state(cycle, ExpertLoad), outputs)
+            return (x, all_caches), (cycle_stats, nnx.state(cycle, ExpertLoad), outputs)
 
         body = self._remat(body)
+        positions = jnp.arange(plan.num_cycles)
         if self.config.scan_layers:
-            x, (new_caches, cycle_stats, new_state, outputs) = jax.lax.scan(body, x, (state, layer_indices, caches))
+            (x, new_caches), (cycle_stats, new_state, outputs) = jax.lax.scan(
+                body, (x, caches), (state, layer_indices, positions)
+            )
         else:
             per_cycle = []
             for c in range(plan.num_cycles):
-                x, out = body(x, jax.tree.map(lambda leaf, c=c: leaf[c], (state, layer_indices, caches)))
+                scanned = jax.tree.map(lambda leaf, c=c: leaf[c], (state, layer_indices, positions))
+                (x, caches), out = body((x, caches), scanned)
                 per_cycle.append(out)
-            new_caches, cycle_stats, new_state, outputs = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_cycle)
+            new_caches = caches
+            cycle_stats, new_state, outputs = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_cycle)
         nnx.update(self.cycles, new_state)
         # [num_cycles] stacked stats per position in the cycle -> HF layer order (cycle-major).
         for c in range(plan.num_cycles):

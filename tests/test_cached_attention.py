@@ -36,16 +36,17 @@ def inputs(rng, batch, q_len, kv_len, dtype=jnp.float32):
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def test_cached_attention_with_left_padding_matches_float64():
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_cached_attention_with_left_padding_matches_float64(q_len):
     rng = np.random.default_rng(SEED)
-    q, k, v = inputs(rng, 3, 5, 12)
-    key_start = np.asarray([0, 3, 6])  # row 2: queries 4..5 still padding (they see only padding keys)
+    q, k, v = inputs(rng, 3, q_len, 12)
+    key_start = np.asarray([0, 3, 6])  # row 2, q_len 5: queries 4..5 still padding (they see only padding keys)
     for offset in (4, 7):
         got = causal_attention(q, k, v, query_offset=jnp.int32(offset), key_start=jnp.asarray(key_start))
         np.testing.assert_allclose(got, reference(q, k, v, offset, key_start), rtol=2e-5, atol=2e-5,
                                    err_msg=f"offset {offset} (seed {SEED})")  # fmt: skip
     with pytest.raises(ValueError, match="key_start .* needs query_offset"):
-        causal_attention(q, k[:, :5], v[:, :5], key_start=jnp.asarray(key_start))
+        causal_attention(q, k[:, :q_len], v[:, :q_len], key_start=jnp.asarray(key_start))
 
 
 @pytest.mark.gpu
