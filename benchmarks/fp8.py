@@ -1,22 +1,24 @@
-"""Blockwise FP8 GEMMs on one GPU: our Pallas kernels (Triton-lowered; Mosaic GPU for dense) vs bf16, same run.
+"""Blockwise FP8 GEMMs on one GPU: our Pallas kernels (Triton-lowered; Mosaic GPU) vs bf16, in the same run.
 
     python benchmarks/fp8.py            # 1. native vs emulated on the GPU, 2. timings and errors (~3 min)
     python benchmarks/fp8.py --sweep    # tile-config search per kernel and shape (time-boxed by --sweep_budget_s);
                                         # prints the winners and a TUNED_CONFIGS literal for pallas_triton.py
+    python benchmarks/fp8.py --sweep --sweep_routes mosaic   # the Mosaic GPU configs only
     python benchmarks/fp8.py --quick    # small shapes, to try the script
-    python benchmarks/fp8.py --sections dense      # a subset of check,dense,grouped
+    python benchmarks/fp8.py --sections dense      # a subset of check,dense,grouped,quant
 
 1. Correctness first: the native routes ("pallas_triton": activations quantised by XLA; "pallas_triton_fused":
-   quantised in the kernel; "pallas_mosaic_gpu": dense GEMMs on Mosaic GPU) against the emulated recipe on the
-   GPU, forward and every gradient, dense and grouped, odd shapes (partial tiles, empty groups, padding rows).
-   A failing case is reported and the script goes on.
+   quantised in the kernel; "pallas_mosaic_gpu": dense and grouped-by-rows GEMMs on Mosaic GPU) against the
+   emulated recipe on the GPU, forward and every gradient, dense and grouped, odd shapes (partial tiles, empty
+   groups, padding rows). A failing case is reported and the script goes on.
 2. Per shape and GEMM (dense: fwd y = x w, dgrad dx = dy w^T, wgrad dw = x^T dy; grouped: fwd, dlhs, drhs):
      bf16      jnp.dot in bf16 (cuBLAS) / the model's bf16 grouped matmul (tokamax when installed)
      kernel    our FP8 kernel on pre-quantised operands: the GEMM alone
      +quant    the kernel plus the XLA quantisation of its activation / gradient operands (the weight's is
                excluded: it is quantised once per step for two GEMMs; its pass has its own line)
      fused     the kernel quantising raw activations / gradients in registers
-     Mosaic    (dense) the Pallas Mosaic GPU kernel (pallas_mosaic_gpu.py) on the pre-quantised operands
+     Mosaic    the Pallas Mosaic GPU kernels (pallas_mosaic_gpu.py), pre-quantised operands (grouped: also
+               timed with their quantisation, "mosaic_with_quant_ms" in the JSON)
    speed-up = bf16 ms / FP8 ms; error = relative Frobenius error vs the fp32 product (grouped: over 4 groups).
    Then the whole op, forward + backward (jax.vjp), FP8 routes vs bf16: what a layer sees.
 Dense shapes [M, K] x [K, N]: the issue's three. Grouped: Ring-mini's MoE (16384 tokens x top-8 = 131072 rows,
@@ -45,7 +47,13 @@ import numpy as np
 
 from benchmarks.profiling import median_ms
 from pallas_kernels.fp8 import Fp8Recipe
-from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig, dense_gemm_mosaic
+from pallas_kernels.fp8.pallas_mosaic_gpu import (
+    MosaicBackend,
+    MosaicConfig,
+    dense_gemm_mosaic,
+    grouped_contract_gemm_mosaic,
+    grouped_rows_gemm_mosaic,
+)
 from pallas_kernels.fp8.pallas_triton import (
     KernelConfig,
     RawOperand,
@@ -65,6 +73,7 @@ from pallas_kernels.fp8.reference import (
     quantize_columns,
     quantize_grouped_columns,
     quantize_rows,
+    quantize_tiles_side_by_side,
 )
 from pallas_kernels.gmm import grouped_matmul
 
@@ -76,7 +85,7 @@ SWEEP = [  # block_m, block_n, num_warps, num_stages, k_unroll; 256-wide tiles n
     (128, 128, 8, 3, 1), (128, 128, 8, 3, 2), (128, 128, 8, 4, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1),
     (128, 64, 4, 4, 2), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 2, 2),
 ]  # fmt: skip
-MOSAIC_SWEEP = [(128, 4), (256, 3), (64, 6)]  # tile_n, max_concurrent_steps
+MOSAIC_SWEEP = [(128, 2, 2), (128, 4, 1), (128, 6, 1), (64, 4, 2)]  # tile_n, max_concurrent_steps, blocks_per_step
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
 
@@ -218,7 +227,7 @@ def dense_gemm_case(name: str, x, w, dy, wq, reps: int) -> dict:
         row["speedup_mosaic"] = bf16_ms / row["mosaic_ms"]
         row["mosaic_vs_triton_error"] = rel_err(mosaic(a, b), kernel(a, b))
     except Exception as e:  # noqa: BLE001 - report and go on
-        row["mosaic_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        row["mosaic_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     return row
 
 
@@ -322,7 +331,24 @@ def grouped_gemm_case(name: str, lhs, rhs, dy, sizes, tiles, wq, reps: int) -> d
     fused_ms = median_ms(fused, lhs, wq, dy, sizes, tiles, reps=reps)
     flops = 2 * lhs.shape[0] * rhs.shape[1] * rhs.shape[2]
     error = grouped_error(name, kernel(a, b, sizes, tiles), lhs, rhs, dy, sizes)
-    return {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": error}
+    row = {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": error}
+    try:  # the Mosaic GPU kernel (drhs: on operands quantised tile by tile, side by side)
+        if name == "drhs":
+            side_by_side = lambda t, tiles: quantize_tiles_side_by_side(t, tiles, E4M3, False)
+            build = lambda lhs, wq, dy, tiles: (side_by_side(lhs, tiles), side_by_side(dy, tiles))
+            run = lambda a, b, s, t: grouped_contract_gemm_mosaic(a, b, t, jnp.float32, interpret=INTERPRET)
+        else:
+            run = lambda a, b, s, t: grouped_rows_gemm_mosaic(a, b, s, jnp.bfloat16, interpret=INTERPRET)
+        a, b = jax.jit(build)(lhs, wq, dy, tiles)
+        mosaic = jax.jit(run)
+        row["mosaic_ms"] = median_ms(mosaic, a, b, sizes, tiles, reps=reps)
+        quant = jax.jit(lambda lhs, wq, dy, s, t: run(*build(lhs, wq, dy, t), s, t))
+        row["mosaic_with_quant_ms"] = median_ms(quant, lhs, wq, dy, sizes, tiles, reps=reps)
+        row["speedup_mosaic"] = bf16_ms / row["mosaic_ms"]
+        row["mosaic_error"] = grouped_error(name, mosaic(a, b, sizes, tiles), lhs, rhs, dy, sizes)
+    except Exception as e:  # noqa: BLE001 - report and go on
+        row["mosaic_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return row
 
 
 def dense_equal_flops_case(lhs, rhs, reps: int) -> dict:
@@ -347,6 +373,39 @@ def time_grouped_shape(results: list[dict], rows: int, k: int, n: int, groups: i
     bf16 = lambda a, r, s: grouped_matmul(a, r.astype(jnp.bfloat16), s)
     fp8 = lambda backend: lambda a, r, s: fp8_grouped_matmul(a, r, s, OpConfig(backend, Fp8Recipe(), r.dtype))
     attempt(results, record("op fwd+bwd"), functools.partial(op_case, bf16, fp8, (lhs, rhs, sizes, dy), reps))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quantisation passes alone (XLA): what the kernels' operands cost to make, against the memory floor.
+HBM_BYTES_PER_S = 4.8e12  # H200
+
+
+def quant_case(fn: Callable, args: tuple, reps: int) -> dict:
+    """ms of one quantiser and its bytes (inputs read + outputs written once) as a fraction of the HBM floor."""
+    out = jax.jit(fn)(*args)
+    moved = sum(a.nbytes for a in jax.tree.leaves((args, out)))
+    ms = median_ms(jax.jit(fn), *args, reps=reps)
+    return {"ms": ms, "gb_per_s": moved / ms / 1e6, "fraction_of_floor": moved / HBM_BYTES_PER_S / (ms / 1e3)}
+
+
+def time_quantisers(results: list[dict], dense_shapes, grouped_shapes, reps: int) -> None:
+    """Every quantiser the routes run per step: rows (y, dx, grouped y, dlhs), columns (dense dw), grouped
+    columns (Triton drhs), tiles side by side (Mosaic drhs), weight blocks."""
+    for m, k, n in dense_shapes:
+        x, w = normal(jax.random.key(0), (m, k)), normal(jax.random.key(1), (k, n), jnp.float32, 0.02)
+        for name, fn, args in (("rows", quantize_rows, (x,)), ("columns", quantize_columns, (x,)),
+                               ("weight blocks", quantize_blocks, (w,))):  # fmt: skip
+            record = {"section": "quant", "gemm": name, "shape": list(args[0].shape)}
+            attempt(results, record, functools.partial(quant_case, lambda t, f=fn: f(t, E4M3, False), args, reps))
+    grouped_quantisers = {"grouped columns": quantize_grouped_columns,
+                          "tiles side by side": quantize_tiles_side_by_side}  # fmt: skip
+    for rows, k, _, groups in grouped_shapes:
+        x, sizes = normal(jax.random.key(2), (rows, k)), uniform_group_sizes(rows, groups)
+        tiles = jax.jit(functools.partial(group_tiles, num_rows=rows, block=TILE))(sizes)
+        for name, fn in grouped_quantisers.items():
+            quantise = lambda t, tl, f=fn: f(t, tl, E4M3, False)
+            record = {"section": "quant", "gemm": name, "shape": [rows, k, groups]}
+            attempt(results, record, functools.partial(quant_case, quantise, (x, tiles), reps))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,14 +442,14 @@ def sweep_case(kernel: Callable, cfg: KernelConfig, args: tuple, flops: float, r
     return {"ms": ms, "tflops": flops / ms / 1e9}
 
 
-def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s: float) -> None:
-    """Times every SWEEP config per kernel call (pre-quantised operands); prints the winners and a TUNED_CONFIGS
-    literal keyed as pallas_triton.kernel_config looks configs up."""
+def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s: float, routes: str) -> None:
+    """Times every SWEEP config (routes "triton") and MOSAIC_SWEEP config ("mosaic") per kernel call (pre-quantised
+    operands); prints the winners and a TUNED_CONFIGS literal keyed as pallas_triton.kernel_config looks configs up."""
     calls, winners = sweep_calls(dense_shapes, grouped_shapes), {}
     per_call_s = budget_s / len(calls)  # each kernel call gets its share; the first config always runs
     for key, label, kernel, args, flops in calls:
         best, start = None, time.perf_counter()
-        for index, (bm, bn, warps, stages, unroll) in enumerate(SWEEP):
+        for index, (bm, bn, warps, stages, unroll) in enumerate(SWEEP if "triton" in routes else ()):
             if index and time.perf_counter() - start > per_call_s:
                 print(f"sweep: {label}: time share spent after {index} configs", flush=True)
                 break
@@ -402,10 +461,14 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
         if best is not None:
             winners[key] = best
             print(f"sweep: {label}: best {best[0]} at {best[1]:.3f} ms ({flops / best[1] / 1e9:.0f} TFLOP/s)")
-        if key[0] == "dense":
-            mosaic = lambda cfg, a, b: dense_gemm_mosaic(a, b, jnp.bfloat16, cfg, interpret=INTERPRET)
-            for tile_n, steps in MOSAIC_SWEEP:
-                cfg = MosaicConfig(tile_n=tile_n, max_concurrent_steps=steps)
+        if key[0] != "contract" and "mosaic" in routes:
+            if key[0] == "dense":
+                mosaic = lambda cfg, a, b: dense_gemm_mosaic(a, b, jnp.bfloat16, cfg, interpret=INTERPRET)
+            else:
+                mosaic = lambda cfg, a, b, s, t: grouped_rows_gemm_mosaic(a, b, s, jnp.bfloat16, cfg,
+                                                                          interpret=INTERPRET)
+            for tile_n, steps, blocks in MOSAIC_SWEEP:
+                cfg = MosaicConfig(tile_n=tile_n, max_concurrent_steps=steps, blocks_per_step=blocks)
                 record = {"section": "sweep", "kernel": f"{label} (Mosaic GPU)", "config": dataclasses.asdict(cfg)}
                 attempt(results, record, functools.partial(sweep_case, mosaic, cfg, args, flops, reps))
                 if "ms" in record:
@@ -430,8 +493,8 @@ def print_tables(results: list[dict]) -> None:
                   f"{r['speedup_kernel']:.2f} / {r['speedup_with_quant']:.2f} / {r['speedup_fused']:.2f} / "
                   f"{r.get('speedup_mosaic', nan):.2f} | {r['fp8_kernel_tflops']:.0f} | {r['fp8_error']:.2e} | "
                   f"{r.get('bf16_error', nan):.2e} |")  # fmt: skip
-            if "mosaic_error" in r:
-                print(f"|  | Mosaic GPU kernel failed: {r['mosaic_error']} |")
+            if "mosaic_failed" in r:
+                print(f"|  | Mosaic GPU kernel failed: {r['mosaic_failed']} |")
     print("\n| section | what | shape | result |\n|---|---|---|---|")
     for r in results:
         if "speedup_kernel" not in r:
@@ -444,8 +507,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="search tile configs instead of the timing tables")
     parser.add_argument("--sweep_budget_s", type=float, default=200.0)
+    parser.add_argument("--sweep_routes", default="triton,mosaic", help="kernel families the sweep times")
     parser.add_argument("--quick", action="store_true", help="small shapes")
-    parser.add_argument("--sections", default="check,dense,grouped", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="check,dense,grouped", help="comma-separated subset of "
+                        "check,dense,grouped,quant (quant: the quantisation passes alone vs the HBM floor)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json_out", default="")
     parser.add_argument("--interpret", action="store_true", help="kernels in interpret mode (CPU dry run)")
@@ -456,7 +521,7 @@ def main() -> None:
     print(f"fp8 benchmark on {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     results: list[dict[str, Any]] = []
     if args.sweep:
-        sweep(results, dense_shapes, grouped_shapes, max(5, args.reps // 2), args.sweep_budget_s)
+        sweep(results, dense_shapes, grouped_shapes, max(5, args.reps // 2), args.sweep_budget_s, args.sweep_routes)
     else:
         sections = args.sections.split(",")
         if "check" in sections:
@@ -465,6 +530,8 @@ def main() -> None:
             time_dense_shape(results, *shape, args.reps)
         for shape in grouped_shapes if "grouped" in sections else ():
             time_grouped_shape(results, *shape, args.reps)
+        if "quant" in sections:
+            time_quantisers(results, dense_shapes, grouped_shapes, args.reps)
         print_tables(results)
     out = args.json_out or (os.path.join(os.environ["OUT"], "fp8.json") if os.environ.get("OUT") else "")
     if out:

@@ -51,6 +51,15 @@ def with_package(package: str, *platforms: str) -> Callable[[], str | None]:
     return check
 
 
+def default_precision_only(name: str) -> str | None:
+    """A `Supports` rule for implementations (tokamax's kernels) that raise on a non-default matmul precision,
+    e.g. jax_default_matmul_precision="highest" as the tests set: the platform order then moves on to XLA."""
+    precision = jax.config.jax_default_matmul_precision
+    if precision in (None, "default"):
+        return None
+    return f"{name} takes the default matmul precision only (jax_default_matmul_precision={precision!r})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """One named implementation: `module:function` inside the op's package, fixed keyword arguments, and an

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pallas_kernels.attention.api import ATTENTION
+from pallas_kernels.fp8.api import NATIVE_IMPLEMENTATIONS
 from pallas_kernels.gmm.api import GROUPED_MATMUL
 from pallas_kernels.lightning.api import LIGHTNING_DECODE, LIGHTNING_FORWARD
 from ring_jax.errors import ConfigError
@@ -34,7 +35,8 @@ __all__ = ["ConfigError", "ModelConfig", "model_defaults", "model_fields", "fiel
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("linear", "yarn")
-FP8_MODES = ("none", "emulated", "native")
+# "native" takes the platform's kernel order (pallas_kernels.fp8.api); a route's name picks that kernel.
+FP8_MODES = ("none", "emulated", "native", *NATIVE_IMPLEMENTATIONS)
 FIELD_KINDS = ("hf", "architecture", "runtime")
 REQUIRED = "required"  # `when_missing` of an HF field that config.json must contain
 
@@ -129,7 +131,8 @@ class ModelConfig:
         None, "softmax attention kernel; None = per-platform order", choices=ATTENTION.choices(), none_type=str
     )
     fp8: str = _runtime(
-        "none", "blockwise FP8 for the projections and expert GEMMs: none, emulated (any platform), native (GPU)",
+        "none", "blockwise FP8 for the projections and expert GEMMs: none, emulated (any platform), native (GPU: the "
+        "platform's kernel route), or a route by name",
         choices=FP8_MODES,
     )
     expert_parallel_transport: str | None = _runtime(

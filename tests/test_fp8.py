@@ -26,8 +26,21 @@ def _tokens(config, seed=0, batch=2, seq=24):
 
 
 def test_fp8_mode_is_validated():
-    with pytest.raises(ConfigError, match=r"^model.fp8: must be one of \('none', 'emulated', 'native'\)"):
+    message = r"^model.fp8: must be one of \('none', 'emulated', 'native', 'pallas_triton'"
+    with pytest.raises(ConfigError, match=message):
         tiny_config(fp8="e4m3")
+
+
+def test_fp8_modes_name_the_kernel_routes():
+    """model.fp8 "emulated" is the reference recipe, "native" the platform's order, a route's name that route."""
+    assert linear.fp8_implementation("emulated") == "reference"
+    assert linear.fp8_implementation("native") is None
+    assert tiny_config(fp8="pallas_mosaic_gpu").fp8 == "pallas_mosaic_gpu"
+    assert linear.fp8_implementation("pallas_mosaic_gpu") == "pallas_mosaic_gpu"
+    x, w = jnp.ones((4, 128)), jnp.ones((128, 8))
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="implementation 'pallas_mosaic_gpu' cannot run here"):
+            linear.blockwise_matmul(x, w, implementation=linear.fp8_implementation("pallas_mosaic_gpu"))
 
 
 @pytest.mark.parametrize("fp8", ["none", "emulated"])

@@ -82,7 +82,8 @@ def test_jit_and_eager_agree(rng, tiny_model):
     def logits(state, tokens):
         return nnx.merge(graphdef, state)(tokens)
 
-    np.testing.assert_allclose(logits(state, tokens), tiny_model(tokens), rtol=1e-6, atol=1e-6)
+    # fp32 both ways; XLA fuses (and so rounds) the jitted program differently: 2e-6 seen on logits of ~0.1.
+    np.testing.assert_allclose(logits(state, tokens), tiny_model(tokens), rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_are_finite_and_reach_every_param(rng, tiny_model):

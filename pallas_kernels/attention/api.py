@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import Implementation, Op, with_package
+from pallas_kernels.dispatch import Implementation, Op, default_precision_only, with_package
 
 TOKAMAX_CACHE_BLOCK = 128  # tokamax's Mosaic kernel tiles queries by 2 x 64 and keys by 64
 ATTENTION = Op(
@@ -62,7 +62,7 @@ def causal_attention(
     def supports(name: str) -> str | None:
         if name == "tokamax" and query_offset is not None and not tiled:
             return f"with a KV cache, query and cache lengths must be multiples of {TOKAMAX_CACHE_BLOCK}"
-        return None
+        return default_precision_only(name) if name == "tokamax" else None
 
     fn = ATTENTION.resolve(implementation, supports)
     mask = filled = None

@@ -178,19 +178,32 @@ class GroupedColumns(NamedTuple):
     scales: jax.Array
 
 
-def quantize_grouped_columns(x: jax.Array, tiles: GroupTiles, dtype: jnp.dtype, power_of_two: bool) -> GroupedColumns:
-    """x [rows, c] -> GroupedColumns: one scale per column and tile (aligned 128-row block within one group).
-
-    amax per tile gathers its block and masks the rows of other groups: reads stay plain (no scatter-max)."""
-    rows, c = x.shape
-    tile_of_row, _ = row_tiles(tiles, rows, TILE)
-    blocks = pad_axis(x, 0, TILE).reshape(-1, TILE, c)[tiles.tile_block]  # [T, 128, c]
+def _tile_blocks(x: jax.Array, tiles: GroupTiles) -> jax.Array:
+    """x [rows, c] -> [T, 128, c] fp32: each tile's 128-row block with the rows outside the tile's group zeroed.
+    A gather of whole blocks: reads stay plain (no scatter-max)."""
+    c = x.shape[1]
+    blocks = pad_axis(x, 0, TILE).reshape(-1, TILE, c)[tiles.tile_block].astype(jnp.float32)
     block_rows = tiles.tile_block[:, None] * TILE + jnp.arange(TILE, dtype=jnp.int32)[None, :]
     group = jnp.minimum(tiles.tile_group, tiles.group_bounds.shape[0] - 2)
     inside = (block_rows >= tiles.group_bounds[group][:, None]) & (block_rows < tiles.group_bounds[group + 1][:, None])
-    amax = jnp.max(jnp.where(inside[..., None], jnp.abs(blocks.astype(jnp.float32)), 0.0), axis=1)
+    return jnp.where(inside[..., None], blocks, 0.0)
+
+
+def quantize_grouped_columns(x: jax.Array, tiles: GroupTiles, dtype: jnp.dtype, power_of_two: bool) -> GroupedColumns:
+    """x [rows, c] -> GroupedColumns: one scale per column and tile (aligned 128-row block within one group)."""
+    tile_of_row, _ = row_tiles(tiles, x.shape[0], TILE)
+    amax = jnp.max(jnp.abs(_tile_blocks(x, tiles)), axis=1)
     scales = scale_from_amax(amax, dtype, power_of_two)  # [T, c]
     return GroupedColumns(to_fp8(x, scales[tile_of_row], dtype).T, scales)
+
+
+def quantize_tiles_side_by_side(x: jax.Array, tiles: GroupTiles, dtype: jnp.dtype, power_of_two: bool) -> QTensor:
+    """x [rows, c] -> QTensor of [c, T * 128]: the same quantisation as quantize_grouped_columns, laid out so that
+    tile t owns contraction columns [128 t, 128 (t + 1)) (its block's rows, those of other groups zero) and a
+    group's tiles are contiguous; scales [T, c]. A kernel then contracts group g over the plain column range of
+    tiles [first[g], first[g + 1]), with no masking."""
+    values, scales = quantize_tile(_tile_blocks(x, tiles), 1, dtype, power_of_two)  # [T, 128, c], [T, c]
+    return QTensor(jnp.transpose(values, (2, 0, 1)).reshape(x.shape[1], -1), scales)
 
 
 def dequantize_grouped_columns(q: GroupedColumns, tiles: GroupTiles) -> jax.Array:
@@ -233,10 +246,15 @@ class Emulated:
     ) -> jax.Array:
         """Per group a_g^T @ b_g over the group's rows: a, b hold x [rows, K], dy [rows, N] -> [G, K, N]."""
         x, dy = dequantize_grouped_columns(a, tiles), dequantize_grouped_columns(b, tiles)
-        shape = (group_sizes.shape[0], x.shape[1], dy.shape[1])
-        ragged = lambda rhs: jax.lax.ragged_dot(x, rhs, group_sizes, precision=jax.lax.Precision.HIGHEST)
-        _, pullback = jax.vjp(ragged, jnp.zeros(shape, jnp.float32))
-        return pullback(dy)[0].astype(out_dtype)
+        return ragged_contract(x, dy, group_sizes, out_dtype)
+
+
+def ragged_contract(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
+    """x [rows, K], dy [rows, N] fp32, rows sorted by group -> [G, K, N]: per group x_g^T @ dy_g in fp32."""
+    shape = (group_sizes.shape[0], x.shape[1], dy.shape[1])
+    ragged = lambda rhs: jax.lax.ragged_dot(x, rhs, group_sizes, precision=jax.lax.Precision.HIGHEST)
+    _, pullback = jax.vjp(ragged, jnp.zeros(shape, jnp.float32))
+    return pullback(dy)[0].astype(out_dtype)
 
 
 class OpConfig(NamedTuple):

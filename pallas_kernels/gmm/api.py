@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import Implementation, Op, with_package
+from pallas_kernels.dispatch import Implementation, Op, default_precision_only, with_package
 
 GROUPED_MATMUL = Op(
     "grouped_matmul",
@@ -36,5 +36,7 @@ def grouped_matmul(
     """lhs [rows, k] sorted by group, rhs [groups, k, n], group_sizes [groups] int32 -> [rows, n].
 
     Rows past sum(group_sizes) (padding) give zeros."""
-    fn = GROUPED_MATMUL.resolve(implementation)
+    supports = lambda name: default_precision_only(name) if name == "tokamax" else None
+    fn = GROUPED_MATMUL.resolve(implementation, supports)
     return fn(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.attention import ATTENTION, causal_attention
-from pallas_kernels.dispatch import Implementation, Op, on_platform
+from pallas_kernels.dispatch import Implementation, Op, default_precision_only, on_platform
 from pallas_kernels.gmm import GROUPED_MATMUL
 from pallas_kernels.lightning.api import LIGHTNING_DECODE, LIGHTNING_FORWARD
 from pallas_kernels.linear_cross_entropy import LINEAR_CROSS_ENTROPY
@@ -71,3 +71,12 @@ def test_resolved_functions_compute_the_op():
     reference = GROUPED_MATMUL.resolve("reference")(lhs, rhs, sizes)
     np.testing.assert_allclose(ragged, reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(reference[5], 0.0)
+
+
+def test_tokamax_gives_way_to_xla_at_a_non_default_precision():
+    """tokamax raises on jax_default_matmul_precision="highest" (set by the test suite); the GPU orders of the
+    grouped matmul and attention then take XLA instead of failing."""
+    with jax.default_matmul_precision("highest"):
+        assert "default matmul precision" in default_precision_only("tokamax")
+    with jax.default_matmul_precision("default"):
+        assert default_precision_only("tokamax") is None

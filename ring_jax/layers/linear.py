@@ -9,20 +9,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.fp8 import blockwise_matmul
+from pallas_kernels.fp8.api import BLOCKWISE_FP8
 from ring_jax.sharding import LogicalNames, annotated, per_shard
 
 DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
 
 
-def fp8_implementation(fp8: str) -> str | None:
-    """The `pallas_kernels.fp8` implementation of a `model.fp8` mode ("emulated" or "native").
+# Ring-mini-shaped training step on one H200 (BENCHMARKS.md), FP8 route -> speed as a fraction of bf16's.
+_GPU_STEP_SPEED = {"pallas_mosaic_gpu": 0.89, "pallas_triton": 0.61}
 
-    "native" warns once on a GPU: it matches the recipe (checked against the float64 recipe on an H200), but
-    a Ring-mini-shaped training step ran at 0.61x bf16's speed there (BENCHMARKS.md)."""
-    if fp8 == "native" and jax.default_backend() == "gpu":
-        warnings.warn("model.fp8='native' is slower than bf16 on GPU for now (0.61x bf16's training step on an H200, "
-                      "see BENCHMARKS.md); its numerics are the FP8 recipe's", stacklevel=2)  # fmt: skip
-    return {"emulated": "reference", "native": None}[fp8]
+
+def fp8_implementation(fp8: str) -> str | None:
+    """The `pallas_kernels.fp8` implementation of a `model.fp8` mode: "emulated" -> "reference", "native" -> None
+    (the platform's order), a kernel route's name -> itself.
+
+    On a GPU it warns that FP8 training is still slower than bf16 there: the routes match the recipe (checked
+    against the float64 recipe on an H200), but the quantisation passes around the kernels cost more than the
+    FP8 GEMMs save (BENCHMARKS.md)."""
+    if fp8 == "emulated":
+        return "reference"
+    implementation = None if fp8 == "native" else fp8
+    if jax.default_backend() == "gpu":
+        route = BLOCKWISE_FP8.select(implementation)
+        speed = f"{_GPU_STEP_SPEED[route]}x bf16's training step on an H200" if route in _GPU_STEP_SPEED else (
+            "its GEMMs measured slower still")
+        warnings.warn(f"model.fp8={fp8!r} ({route}) is slower than bf16 on GPU for now ({speed}, see "
+                      "BENCHMARKS.md); its numerics are the FP8 recipe's", stacklevel=2)  # fmt: skip
+    return implementation
 
 
 def param(

@@ -7,6 +7,7 @@ the `gpu`-marked tests compile them, compare with the emulated recipe on the GPU
 make sure the native matmuls really multiply FP8 operands.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -16,7 +17,7 @@ import pytest
 
 from pallas_kernels.fp8 import Fp8Recipe, blockwise_grouped_matmul, blockwise_matmul
 from pallas_kernels.fp8 import api as fp8_api
-from pallas_kernels.fp8.pallas_triton import KernelConfig, TritonBackend
+from pallas_kernels.fp8.pallas_triton import DEFAULT_CONFIG, DEFAULT_FUSED_CONFIG, KernelConfig, TritonBackend
 from pallas_kernels.fp8.reference import Emulated, OpConfig, fp8_grouped_matmul, fp8_matmul
 from pallas_kernels.fp8.tests import fp8_testing as ref64
 
@@ -100,16 +101,44 @@ def test_grouped_kernels_match_the_emulated_recipe(fused, config, seed):
     assert np.all(np.asarray(got[0])[280:] == 0) and np.all(np.asarray(got[1])[280:] == 0)
 
 
-@pytest.mark.slow  # Mosaic GPU interpret mode simulates warpgroups and barriers: ~15-80 s on 2 shared cores
-def test_mosaic_dense_kernel_matches_the_emulated_recipe(seed):
-    """The Mosaic GPU dense kernel (Mosaic GPU interpret mode) for y, dx and dw, partial tiles everywhere."""
+# Mosaic GPU interpret mode simulates warpgroups and barriers: ~15-80 s per call on 2 shared cores.
+MOSAIC_CASES = [(64, 2, 1), (128, 2, 2)]  # (tile_n, pipeline depth, contraction blocks per step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile_n, depth, blocks", MOSAIC_CASES)
+def test_mosaic_dense_kernel_matches_the_emulated_recipe(tile_n, depth, blocks, seed):
+    """The Mosaic GPU dense kernel (Mosaic GPU interpret mode) for y, dx and dw, partial tiles everywhere; 64-wide
+    tiles apply the weight's block scale as one value per tile, 128-wide ones too, dw per column."""
     from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig
 
     x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=200, k=300, n=136)
-    backend = MosaicBackend(interpret=True, mosaic_config=MosaicConfig(tile_n=64, max_concurrent_steps=2))
-    got = _dense(backend, Fp8Recipe(), x, w, dy)
-    _assert_close(got, _dense(Emulated(), Fp8Recipe(), x, w, dy), 1e-2, ("y", "dx", "dw"), seed)
-    assert ref64.relative_error(got[2], _dense(Emulated(), Fp8Recipe(), x, w, dy)[2]) <= 1e-5  # dw is fp32
+    config = MosaicConfig(tile_n=tile_n, max_concurrent_steps=depth, blocks_per_step=blocks)
+    got = _dense(MosaicBackend(interpret=True, mosaic_config=config), Fp8Recipe(), x, w, dy)
+    want = _dense(Emulated(), Fp8Recipe(), x, w, dy)
+    _assert_close(got, want, 1e-2, ("y", "dx", "dw"), seed)
+    assert ref64.relative_error(got[2], want[2]) <= 1e-5  # dw is fp32
+
+
+GROUPED_MOSAIC_CASES = [(*case, "float8_e4m3fn") for case in MOSAIC_CASES] + [(128, 2, 2, "float8_e5m2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile_n, depth, blocks, gradient_format", GROUPED_MOSAIC_CASES)
+def test_mosaic_grouped_kernels_match_the_emulated_recipe(tile_n, depth, blocks, gradient_format, seed):
+    """The Mosaic GPU grouped kernels in interpret mode: by rows (out, dlhs) and the weight gradient over each
+    group's side-by-side tiles (drhs). Empty groups, groups ending inside a 64-row half, a block shared by two
+    groups and the padding, 20 padding rows (zeros). e5m2 gradients: the mixed-format fallbacks (Triton by rows,
+    the emulated drhs)."""
+    from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig
+
+    lhs, rhs, sizes, dy = _grouped_inputs(seed, [0, 100, 150, 0, 7, 23])
+    config = MosaicConfig(tile_n=tile_n, max_concurrent_steps=depth, blocks_per_step=blocks)
+    recipe = Fp8Recipe(gradient_format=gradient_format)
+    got = _grouped(MosaicBackend(interpret=True, mosaic_config=config), recipe, lhs, rhs, sizes, dy)
+    want = _grouped(Emulated(), recipe, lhs, rhs, sizes, dy)
+    _assert_close(got, want, 1e-5, ("out", "dlhs", "drhs"), seed)
+    assert np.all(np.asarray(got[0])[280:] == 0) and np.all(np.asarray(got[1])[280:] == 0)
 
 
 def test_api_names_reach_the_kernels(seed):
@@ -160,14 +189,8 @@ def _compiled_text(fn, *args) -> str:
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
-@pytest.mark.gpu
-@ON_GPU
-@pytest.mark.parametrize("implementation", NATIVE)
-def test_native_matmuls_multiply_fp8_operands(implementation, capfd):
-    """Fails when a native matmul silently runs in bf16: the compiled program must hold no XLA GEMM, only our
-    Triton kernels, and every `tt.dot` in those kernels must take two float8_e4m3fn operands."""
-    fused = implementation.endswith("fused")
-    backend = TritonBackend(fuse_quantization=fused, config=KernelConfig(debug=True))
+def _native_step_programs(backend) -> str:
+    """Compiled HLO of a dense and a grouped forward + backward with `backend`'s GEMMs."""
     x, w, dy = _dense_inputs(1, jnp.bfloat16, m=512, k=512, n=256)
     lhs, rhs, sizes, gdy = _grouped_inputs(1, [100, 0, 300, 112], rows=512, k=256, n=128)
 
@@ -180,13 +203,44 @@ def test_native_matmuls_multiply_fp8_operands(implementation, capfd):
         out, pullback = jax.vjp(lambda a, b: fp8_grouped_matmul(a, b, sizes, cfg), lhs, rhs)
         return out, pullback(dy)
 
-    capfd.readouterr()
-    hlo = _compiled_text(dense_step, x, w, dy) + _compiled_text(grouped_step, lhs, rhs, gdy)
-    triton_ir = capfd.readouterr().out
-    assert hlo.count("__gpu$xla.gpu.triton") >= 6, "expected 3 dense + 3 grouped Triton kernels"
+    return _compiled_text(dense_step, x, w, dy) + _compiled_text(grouped_step, lhs, rhs, gdy)
+
+
+def _assert_no_xla_gemm(hlo: str) -> None:
     for xla_gemm in (r"\bdot\(", "__cublas$gemm", "__cublas$lt$matmul", "__cudnn"):
         assert not re.search(xla_gemm if xla_gemm.startswith("\\") else re.escape(xla_gemm), hlo), xla_gemm
+
+
+@pytest.mark.gpu
+@ON_GPU
+@pytest.mark.parametrize("implementation", NATIVE)
+def test_native_matmuls_multiply_fp8_operands(implementation, capfd):
+    """Fails when a native matmul silently runs in bf16: the compiled program must hold no XLA GEMM, only our
+    Triton kernels, and every `tt.dot` in those kernels must take two float8_e4m3fn operands."""
+    fused = implementation.endswith("fused")
+    capfd.readouterr()
+    config = dataclasses.replace(DEFAULT_FUSED_CONFIG if fused else DEFAULT_CONFIG, debug=True)  # its tile sizes
+    hlo = _native_step_programs(TritonBackend(fuse_quantization=fused, config=config))
+    triton_ir = capfd.readouterr().out
+    assert hlo.count("__gpu$xla.gpu.triton") >= 6, "expected 3 dense + 3 grouped Triton kernels"
+    _assert_no_xla_gemm(hlo)
     dots = [line for line in triton_ir.splitlines() if "tt.dot" in line]
     assert len(dots) >= 6, triton_ir[-2000:]
     for line in dots:
         assert line.count("f8E4M3FN") >= 2 and "bf16" not in line, line
+
+
+@pytest.mark.gpu
+@ON_GPU
+def test_mosaic_matmuls_multiply_fp8_operands():
+    """The Mosaic GPU route: y, dx, dw and the grouped out, dlhs, drhs are Mosaic GPU kernels whose operands are FP8
+    arrays (wgmma multiplies its shared-memory operands as they are typed); no Triton kernel, no XLA GEMM."""
+    from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend
+
+    hlo = _native_step_programs(MosaicBackend())
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="mosaic_gpu' in line]
+    assert len(calls) >= 6, "expected 3 dense + 3 grouped Mosaic GPU kernels"
+    for line in calls:
+        assert line.split("custom-call(")[1].count("f8e4m3fn") >= 2, line
+    assert "__gpu$xla.gpu.triton" not in hlo
+    _assert_no_xla_gemm(hlo)
