@@ -10,7 +10,7 @@ Implementations:
                          (no FP8 copy in memory; the quantisation is redone by every program that reads a tile).
   "pallas_mosaic_gpu"    Pallas Mosaic GPU kernels (Hopper: TMA, warp-specialised pipeline, FP8 wgmma) for the dense
                          GEMMs, the grouped ones by rows and the grouped weight gradient (operands laid out tile by
-                         tile, pallas_mosaic_gpu.py); XLA-quantised activations; 0.9-2.4x bf16 per GEMM on an H200.
+                         tile, pallas_mosaic_gpu.py); XLA-quantised activations; 0.9-2.8x bf16 per GEMM on an H200.
   "*_interpret"          a kernel route in Pallas interpret mode (any backend; slow, for tests).
 None picks per platform (`pallas_kernels.dispatch`): on GPU "pallas_mosaic_gpu" (Hopper) then "pallas_triton"
 (sm89+; a Ring-mini training step at 0.61x bf16's speed against Mosaic's 0.89x), "reference" elsewhere (CPU, TPU).
