@@ -8,7 +8,7 @@
     python benchmarks/fp8.py --sections dense      # a subset of check,dense,grouped,quant
 
 1. Correctness first: the native routes ("pallas_triton": activations quantised by XLA; "pallas_triton_fused":
-   quantised in the kernel; "pallas_mosaic_gpu": dense and grouped-by-rows GEMMs on Mosaic GPU) against the
+   quantised in the kernel; "pallas_mosaic_gpu": every GEMM on Mosaic GPU) against the
    emulated recipe on the GPU, forward and every gradient, dense and grouped, odd shapes (partial tiles, empty
    groups, padding rows). A failing case is reported and the script goes on.
 2. Per shape and GEMM (dense: fwd y = x w, dgrad dx = dy w^T, wgrad dw = x^T dy; grouped: fwd, dlhs, drhs):
@@ -382,9 +382,9 @@ HBM_BYTES_PER_S = 4.8e12  # H200
 
 def quant_case(fn: Callable, args: tuple, reps: int) -> dict:
     """ms of one quantiser and its bytes (inputs read + outputs written once) as a fraction of the HBM floor."""
-    out = jax.jit(fn)(*args)
-    moved = sum(a.nbytes for a in jax.tree.leaves((args, out)))
-    ms = median_ms(jax.jit(fn), *args, reps=reps)
+    quantise = jax.jit(fn)
+    moved = sum(a.nbytes for a in jax.tree.leaves((args, quantise(*args))))
+    ms = median_ms(quantise, *args, reps=reps)
     return {"ms": ms, "gb_per_s": moved / ms / 1e6, "fraction_of_floor": moved / HBM_BYTES_PER_S / (ms / 1e3)}
 
 

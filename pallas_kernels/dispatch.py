@@ -51,13 +51,19 @@ def with_package(package: str, *platforms: str) -> Callable[[], str | None]:
     return check
 
 
-def default_precision_only(name: str) -> str | None:
-    """A `Supports` rule for implementations (tokamax's kernels) that raise on a non-default matmul precision,
-    e.g. jax_default_matmul_precision="highest" as the tests set: the platform order then moves on to XLA."""
-    precision = jax.config.jax_default_matmul_precision
-    if precision in (None, "default"):
-        return None
-    return f"{name} takes the default matmul precision only (jax_default_matmul_precision={precision!r})"
+def at_default_precision(available: Callable[[], str | None]) -> Callable[[], str | None]:
+    """Availability: `available`, and the default matmul precision. tokamax's kernels raise on any other (e.g.
+    jax_default_matmul_precision="highest", as the tests set), so the platform order then moves on to XLA."""
+
+    def check() -> str | None:
+        if reason := available():
+            return reason
+        precision = jax.config.jax_default_matmul_precision
+        if precision in (None, "default"):
+            return None
+        return f"takes the default matmul precision only (jax_default_matmul_precision={precision!r})"
+
+    return check
 
 
 @dataclasses.dataclass(frozen=True)

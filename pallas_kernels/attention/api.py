@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import Implementation, Op, default_precision_only, with_package
+from pallas_kernels.dispatch import Implementation, Op, at_default_precision, with_package
 
 TOKAMAX_CACHE_BLOCK = 128  # tokamax's Mosaic kernel tiles queries by 2 x 64 and keys by 64
 ATTENTION = Op(
@@ -26,8 +26,8 @@ ATTENTION = Op(
     {
         "xla": Implementation("xla:attention_xla"),
         "cudnn": Implementation("xla:attention_cudnn", available=with_package("jax", "gpu")),
-        "tokamax": Implementation("tokamax_mosaic:attention_tokamax", available=with_package("tokamax", "gpu",
-                                                                                            "tpu")),
+        "tokamax": Implementation("tokamax_mosaic:attention_tokamax",
+                                  available=at_default_precision(with_package("tokamax", "gpu", "tpu"))),
     },
     {"gpu": ("tokamax", "xla"), "tpu": ("xla",), "cpu": ("xla",)},
 )
@@ -62,7 +62,7 @@ def causal_attention(
     def supports(name: str) -> str | None:
         if name == "tokamax" and query_offset is not None and not tiled:
             return f"with a KV cache, query and cache lengths must be multiples of {TOKAMAX_CACHE_BLOCK}"
-        return default_precision_only(name) if name == "tokamax" else None
+        return None
 
     fn = ATTENTION.resolve(implementation, supports)
     mask = filled = None

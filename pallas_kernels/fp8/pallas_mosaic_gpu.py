@@ -153,14 +153,19 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
             compute_context=context,
         )
 
+    def operands(rows, columns, b_group) -> list:
+        """The pipeline's inputs for one output tile, in in_specs order."""
+        refs = [a_gmem.at[rows], b_gmem.at[b_group, columns], sa_gmem.at[:, rows]]
+        return refs if layout.block_scaled else [*refs, sb_gmem.at[b_group, :, columns]]
+
     ignore = lambda *_, **__: None
     # Grouped rows store a run-time range of rows: row offsets of a tiled (swizzled) buffer must be static.
     out_transforms = () if kind == "rows" else _swizzled(out_gmem.dtype, tile_n)
-    operands = (a_gmem, b_gmem.at[0], sa_gmem) + (() if layout.block_scaled else (sb_gmem.at[0],))
+    first_tile_operands = operands(pl.ds(0, _TILE_M), pl.ds(0, tile_n), 0)
 
     @functools.partial(
         pl.run_scoped,
-        allocations=pipeline(ignore, ignore).get_allocations(*operands),
+        allocations=pipeline(ignore, ignore).get_allocations(*first_tile_operands),
         out_smem=plgpu.SMEM(
             (_COMPUTE_WARPGROUPS, _ROWS_PER_WARPGROUP, tile_n), out_gmem.dtype, transforms=out_transforms
         ),
@@ -231,11 +236,8 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
                 return pl.run_scoped(products, *[plgpu.ACC(shape, jnp.float32) for _ in range(blocks)])
 
             def multiply():
-                b_operands = (b_gmem.at[b_group, columns],) + (
-                    () if layout.block_scaled else (sb_gmem.at[b_group, :, columns],)
-                )
                 pipeline(step, lambda run: store(run(zeros())), k_first, steps)(
-                    a_gmem.at[rows], *b_operands[:1], sa_gmem.at[:, rows], *b_operands[1:], allocations=allocations
+                    *operands(rows, columns, b_group), allocations=allocations
                 )
 
             if kind == "dense":
@@ -328,8 +330,9 @@ def grouped_contract_gemm_mosaic(
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBackend(TritonBackend):
-    """TritonBackend with the dense GEMMs (y, dx, dw) and the grouped ones by rows (y, dlhs) on this file's kernel;
-    activations and gradients are quantised by XLA (the kernel takes pre-quantised operands only)."""
+    """TritonBackend with every GEMM (dense y, dx, dw; grouped y, dlhs, drhs) on this file's kernel; activations
+    and gradients are quantised by XLA (the kernel takes pre-quantised operands only). Mixed e4m3 x e5m2 products go
+    to the Triton kernels (the grouped drhs to the emulated recipe)."""
 
     mosaic_config: MosaicConfig | None = None
 

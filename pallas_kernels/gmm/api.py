@@ -10,14 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import Implementation, Op, default_precision_only, with_package
+from pallas_kernels.dispatch import Implementation, Op, at_default_precision, with_package
 
 GROUPED_MATMUL = Op(
     "grouped_matmul",
     "pallas_kernels.gmm",
     {
-        "tokamax": Implementation("tokamax_mosaic:grouped_matmul_tokamax", available=with_package("tokamax", "gpu",
-                                                                                                   "tpu")),
+        "tokamax": Implementation("tokamax_mosaic:grouped_matmul_tokamax",
+                                  available=at_default_precision(with_package("tokamax", "gpu", "tpu"))),
         "ragged_dot": Implementation("xla:grouped_matmul_ragged_dot"),
         "reference": Implementation("reference:grouped_matmul_reference"),
     },
@@ -36,7 +36,5 @@ def grouped_matmul(
     """lhs [rows, k] sorted by group, rhs [groups, k, n], group_sizes [groups] int32 -> [rows, n].
 
     Rows past sum(group_sizes) (padding) give zeros."""
-    supports = lambda name: default_precision_only(name) if name == "tokamax" else None
-    fn = GROUPED_MATMUL.resolve(implementation, supports)
+    fn = GROUPED_MATMUL.resolve(implementation)
     return fn(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
-

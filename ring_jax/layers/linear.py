@@ -31,8 +31,10 @@ def fp8_implementation(fp8: str) -> str | None:
     implementation = None if fp8 == "native" else fp8
     if jax.default_backend() == "gpu":
         route = BLOCKWISE_FP8.select(implementation)
-        speed = f"{_GPU_STEP_SPEED[route]}x bf16's training step on an H200" if route in _GPU_STEP_SPEED else (
-            "its GEMMs measured slower still")
+        if route in _GPU_STEP_SPEED:
+            speed = f"{_GPU_STEP_SPEED[route]}x bf16's training step on an H200"
+        else:
+            speed = "its GEMMs measured slower still"
         warnings.warn(f"model.fp8={fp8!r} ({route}) is slower than bf16 on GPU for now ({speed}, see "
                       "BENCHMARKS.md); its numerics are the FP8 recipe's", stacklevel=2)  # fmt: skip
     return implementation
