@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.profiling import median_ms
-from pallas_kernels.fp8 import Fp8Recipe
+from pallas_kernels.fp8 import Fp8Recipe, pallas_triton_quantize, reference
 from pallas_kernels.fp8.pallas_mosaic_gpu import (
     MosaicBackend,
     MosaicConfig,
@@ -70,10 +70,7 @@ from pallas_kernels.fp8.reference import (
     fp8_matmul,
     group_tiles,
     quantize_blocks,
-    quantize_columns,
     quantize_grouped_columns,
-    quantize_rows,
-    quantize_tiles_side_by_side,
 )
 from pallas_kernels.gmm import grouped_matmul
 
@@ -105,6 +102,18 @@ def rows_gemm(a, b, group_sizes, out_dtype, cfg=None):
 
 def contract_gemm(a, b, tiles, groups, out_dtype, cfg=None):
     return grouped_contract_gemm(a, b, tiles, groups, out_dtype, cfg, interpret=INTERPRET)
+
+
+def quantize_rows(x):
+    return pallas_triton_quantize.quantize_rows(x, E4M3, False, interpret=INTERPRET)
+
+
+def quantize_columns(x):
+    return pallas_triton_quantize.quantize_columns(x, E4M3, False, interpret=INTERPRET)
+
+
+def quantize_tiles_side_by_side(x, tiles):
+    return pallas_triton_quantize.quantize_tiles_side_by_side(x, tiles, E4M3, False, interpret=INTERPRET)
 
 
 def rel_err(actual, expected) -> float:
@@ -191,12 +200,12 @@ def _raw(t: jax.Array, axis: int) -> RawOperand:
 
 def dense_operands(name: str, fused: bool) -> Callable:
     if name == "fwd":
-        return lambda x, wq, dy: (_raw(x, 1) if fused else quantize_rows(x, E4M3, False), wq.input_side())
+        return lambda x, wq, dy: (_raw(x, 1) if fused else quantize_rows(x), wq.input_side())
     if name == "dgrad":
-        return lambda x, wq, dy: (_raw(dy, 1) if fused else quantize_rows(dy, E4M3, False), wq.output_side())
+        return lambda x, wq, dy: (_raw(dy, 1) if fused else quantize_rows(dy), wq.output_side())
     if fused:
         return lambda x, wq, dy: (_raw(x, 0), _raw(dy, 0))
-    return lambda x, wq, dy: (quantize_columns(x, E4M3, False), quantize_columns(dy, E4M3, False))
+    return lambda x, wq, dy: (quantize_columns(x), quantize_columns(dy))
 
 
 DENSE_BF16 = {
@@ -277,10 +286,10 @@ def time_dense_shape(results: list[dict], m: int, k: int, n: int, reps: int) -> 
 
 def grouped_operands(name: str, fused: bool) -> Callable:
     if name == "fwd":
-        return lambda lhs, wq, dy, tiles: (_raw(lhs, 1) if fused else quantize_rows(lhs, E4M3, False),
+        return lambda lhs, wq, dy, tiles: (_raw(lhs, 1) if fused else quantize_rows(lhs),
                                            wq.input_side())  # fmt: skip
     if name == "dlhs":
-        return lambda lhs, wq, dy, tiles: (_raw(dy, 1) if fused else quantize_rows(dy, E4M3, False),
+        return lambda lhs, wq, dy, tiles: (_raw(dy, 1) if fused else quantize_rows(dy),
                                            wq.output_side())  # fmt: skip
     if fused:
         return lambda lhs, wq, dy, tiles: (_raw(lhs, 0), _raw(dy, 0))
@@ -334,8 +343,8 @@ def grouped_gemm_case(name: str, lhs, rhs, dy, sizes, tiles, wq, reps: int) -> d
     row = {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": error}
     try:  # the Mosaic GPU kernel (drhs: on operands quantised tile by tile, side by side)
         if name == "drhs":
-            side_by_side = lambda t, tiles: quantize_tiles_side_by_side(t, tiles, E4M3, False)
-            build = lambda lhs, wq, dy, tiles: (side_by_side(lhs, tiles), side_by_side(dy, tiles))
+            build = lambda lhs, wq, dy, tiles: (quantize_tiles_side_by_side(lhs, tiles),
+                                                quantize_tiles_side_by_side(dy, tiles))  # fmt: skip
             run = lambda a, b, s, t: grouped_contract_gemm_mosaic(a, b, t, jnp.float32, interpret=INTERPRET)
         else:
             run = lambda a, b, s, t: grouped_rows_gemm_mosaic(a, b, s, jnp.bfloat16, interpret=INTERPRET)
@@ -389,23 +398,27 @@ def quant_case(fn: Callable, args: tuple, reps: int) -> dict:
 
 
 def time_quantisers(results: list[dict], dense_shapes, grouped_shapes, reps: int) -> None:
-    """Every quantiser the routes run per step: rows (y, dx, grouped y, dlhs), columns (dense dw), grouped
-    columns (Triton drhs), tiles side by side (Mosaic drhs), weight blocks."""
+    """Every quantiser the routes run per step, XLA's (reference.py) beside the Triton kernels'
+    (pallas_triton_quantize.py) where both exist: rows (y, dx, grouped y, dlhs), columns (dense dw), tiles side by
+    side (Mosaic drhs), grouped columns (Triton drhs, XLA), weight blocks (XLA)."""
+    xla = lambda f: lambda *t: f(*t, E4M3, False)
     for m, k, n in dense_shapes:
         x, w = normal(jax.random.key(0), (m, k)), normal(jax.random.key(1), (k, n), jnp.float32, 0.02)
-        for name, fn, args in (("rows", quantize_rows, (x,)), ("columns", quantize_columns, (x,)),
-                               ("weight blocks", quantize_blocks, (w,))):  # fmt: skip
-            record = {"section": "quant", "gemm": name, "shape": list(args[0].shape)}
-            attempt(results, record, functools.partial(quant_case, lambda t, f=fn: f(t, E4M3, False), args, reps))
-    grouped_quantisers = {"grouped columns": quantize_grouped_columns,
-                          "tiles side by side": quantize_tiles_side_by_side}  # fmt: skip
+        for name, by, fn, args in (("rows", "xla", xla(reference.quantize_rows), (x,)),
+                                   ("rows", "triton", quantize_rows, (x,)),
+                                   ("columns", "xla", xla(reference.quantize_columns), (x,)),
+                                   ("columns", "triton", quantize_columns, (x,)),
+                                   ("weight blocks", "xla", xla(quantize_blocks), (w,))):  # fmt: skip
+            record = {"section": "quant", "gemm": name, "by": by, "shape": list(args[0].shape)}
+            attempt(results, record, functools.partial(quant_case, fn, args, reps))
     for rows, k, _, groups in grouped_shapes:
         x, sizes = normal(jax.random.key(2), (rows, k)), uniform_group_sizes(rows, groups)
         tiles = jax.jit(functools.partial(group_tiles, num_rows=rows, block=TILE))(sizes)
-        for name, fn in grouped_quantisers.items():
-            quantise = lambda t, tl, f=fn: f(t, tl, E4M3, False)
-            record = {"section": "quant", "gemm": name, "shape": [rows, k, groups]}
-            attempt(results, record, functools.partial(quant_case, quantise, (x, tiles), reps))
+        for name, by, fn in (("grouped columns", "xla", xla(quantize_grouped_columns)),
+                             ("tiles side by side", "xla", xla(reference.quantize_tiles_side_by_side)),
+                             ("tiles side by side", "triton", quantize_tiles_side_by_side)):  # fmt: skip
+            record = {"section": "quant", "gemm": name, "by": by, "shape": [rows, k, groups]}
+            attempt(results, record, functools.partial(quant_case, fn, (x, tiles), reps))
 
 
 # --------------------------------------------------------------------------------------------------------------

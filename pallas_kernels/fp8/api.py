@@ -5,15 +5,17 @@ Implementations:
   "reference"            quantise -> dequantise -> fp32 GEMM in plain JAX: the recipe's exact numerics anywhere.
   "pallas_triton"        Pallas kernels lowered through Triton (GPU, sm89+): FP8 x FP8 dots with fp32 accumulation,
                          rescaled per 128-wide contraction block in the kernel; activations and gradients are
-                         quantised by an XLA pass (fused by XLA with whatever produced them) before the kernel.
+                         quantised before the kernel by one-pass Triton kernels (pallas_triton_quantize.py).
   "pallas_triton_fused"  the same kernels quantising the bf16 / fp32 activation and gradient tiles in registers
                          (no FP8 copy in memory; the quantisation is redone by every program that reads a tile).
   "pallas_mosaic_gpu"    Pallas Mosaic GPU kernels (Hopper: TMA, warp-specialised pipeline, FP8 wgmma) for the dense
                          GEMMs, the grouped ones by rows and the grouped weight gradient (operands laid out tile by
-                         tile, pallas_mosaic_gpu.py); XLA-quantised activations; 0.9-2.8x bf16 per GEMM on an H200.
+                         tile, pallas_mosaic_gpu.py); the same quantisation kernels; 0.9-2.8x bf16 per GEMM on an
+                         H200.
   "*_interpret"          a kernel route in Pallas interpret mode (any backend; slow, for tests).
 None picks per platform (`pallas_kernels.dispatch`): on GPU "pallas_mosaic_gpu" (Hopper) then "pallas_triton"
-(sm89+; a Ring-mini training step at 0.61x bf16's speed against Mosaic's 0.89x), "reference" elsewhere (CPU, TPU).
+(sm89+; measured slower: a Ring-mini training step at 0.61x bf16's speed before the quantisation kernels, against
+Mosaic's 1.22x with them), "reference" elsewhere (CPU, TPU).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.fp8.pallas_triton import TritonBackend
+from pallas_kernels.fp8.pallas_triton_quantize import quantize_tiles_side_by_side
 from pallas_kernels.fp8.recipe import TILE
 from pallas_kernels.fp8.reference import (
     GroupTiles,
@@ -49,7 +50,6 @@ from pallas_kernels.fp8.reference import (
     group_tiles,
     line_scales,
     pad_axis,
-    quantize_tiles_side_by_side,
     ragged_contract,
 )
 
@@ -330,9 +330,9 @@ def grouped_contract_gemm_mosaic(
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBackend(TritonBackend):
-    """TritonBackend with every GEMM (dense y, dx, dw; grouped y, dlhs, drhs) on this file's kernel; activations
-    and gradients are quantised by XLA (the kernel takes pre-quantised operands only). Mixed e4m3 x e5m2 products go
-    to the Triton kernels (the grouped drhs to the emulated recipe)."""
+    """TritonBackend with every GEMM (dense y, dx, dw; grouped y, dlhs, drhs) on this file's kernel, which takes
+    pre-quantised operands only (activations and gradients: pallas_triton_quantize.py's kernels). Mixed e4m3 x e5m2
+    products go to the Triton kernels (the grouped drhs to the emulated recipe)."""
 
     mosaic_config: MosaicConfig | None = None
 
@@ -351,7 +351,7 @@ class MosaicBackend(TritonBackend):
         return grouped_rows_gemm_mosaic(a, b, group_sizes, out_dtype, self.mosaic_config, interpret=self.interpret)
 
     def grouped_columns(self, x, tiles, dtype, power_of_two):
-        return quantize_tiles_side_by_side(x, tiles, dtype, power_of_two)
+        return quantize_tiles_side_by_side(x, tiles, dtype, power_of_two, interpret=self.interpret)
 
     def grouped_contract(self, a, b, tiles, group_sizes, out_dtype):
         if a.values.dtype != b.values.dtype:  # e4m3 x e5m2: the recipe's exact numerics in XLA (slow)

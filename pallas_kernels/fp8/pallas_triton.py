@@ -11,10 +11,11 @@ not after the loop.
 
 Operands come in two forms (see reference.py for the recipe and the layout):
   pre-quantised  `QTensor` / `GroupedColumns`: FP8 values with the contraction dimension last (the K-major layout
-                 Hopper's FP8 wgmma wants for both operands) and fp32 scales [contraction step, line];
+                 Hopper's FP8 wgmma wants for both operands) and fp32 scales [contraction step, line]; activations
+                 and gradients quantised by pallas_triton_quantize.py's kernels (grouped drhs: by XLA);
   raw            `RawOperand` (route "pallas_triton_fused"): the bf16 / fp32 tensor; each program quantises the
-                 tiles it loads in registers with recipe.quantize_tile (IEEE division through PTX div.rn, so that
-                 it rounds as XLA does).
+                 tiles it loads in registers with recipe.quantize_tile (each line's reciprocal scale by an IEEE
+                 division, PTX div.rn, so that it rounds as XLA does).
 Kernels:
   dense     C [M, N] = A [M, c] . B [N, c]^T: y, dx and dw (dw: A = x^T, B = dy^T, contraction over tokens).
   rows      grouped y and dlhs: the row tiles of GroupTiles (block_m rows cut at group boundaries) each multiply
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.fp8 import pallas_triton_quantize
+from pallas_kernels.fp8.pallas_triton_quantize import kernel_reciprocal
 from pallas_kernels.fp8.recipe import TILE, quantize_tile
 from pallas_kernels.fp8.reference import (
     GroupTiles,
@@ -41,9 +44,7 @@ from pallas_kernels.fp8.reference import (
     group_tiles,
     line_scales,
     pad_axis,
-    quantize_columns,
     quantize_grouped_columns,
-    quantize_rows,
 )
 
 
@@ -131,24 +132,6 @@ def _split_refs(refs: tuple, *operands: _Operand) -> tuple[list[tuple[Any, Any]]
     return pairs, tuple(rest)
 
 
-def _divide(interpret: bool):
-    """IEEE fp32 division: Triton lowers `/` to PTX div.full (2 ulp), XLA divides exactly."""
-    if interpret:
-        return jnp.divide
-
-    def div_rn(x, y):
-        (quotient,) = plgpu.elementwise_inline_asm(
-            "div.rn.f32 $0, $1, $2;",
-            args=[x, y],
-            constraints="=f,f,f",
-            pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-        )
-        return quotient
-
-    return div_rn
-
-
 def _zero_outside(tile: jax.Array, keep: jax.Array) -> jax.Array:
     """FP8 tile with the entries outside `keep` set to +0 (on the bits: no FP8 constants needed)."""
     bits = jax.lax.bitcast_convert_type(tile, jnp.int8)
@@ -171,7 +154,7 @@ def _load(op: _Operand, values_ref, scale_ref, lead: tuple, lines, k_start, scal
         x = tile.astype(jnp.float32)
         if keep is not None:
             x = jnp.where(keep, x, 0.0)
-        return quantize_tile(x, axis, jnp.dtype(op.dtype), op.power_of_two, _divide(interpret))
+        return quantize_tile(x, axis, jnp.dtype(op.dtype), op.power_of_two, kernel_reciprocal(interpret))
     if keep is not None:
         tile = _zero_outside(tile, keep)
     if op.block_scaled:  # the program's lines lie in one 128-line block: one scale for the whole tile
@@ -423,10 +406,12 @@ class TritonBackend:
         return quantize(x, *args, dtype, power_of_two)
 
     def rows(self, x, dtype, power_of_two):
-        return self._raw_or(quantize_rows, x, 1, dtype, power_of_two)
+        quantize = functools.partial(pallas_triton_quantize.quantize_rows, interpret=self.interpret)
+        return self._raw_or(quantize, x, 1, dtype, power_of_two)
 
     def columns(self, x, dtype, power_of_two):
-        return self._raw_or(quantize_columns, x, 0, dtype, power_of_two)
+        quantize = functools.partial(pallas_triton_quantize.quantize_columns, interpret=self.interpret)
+        return self._raw_or(quantize, x, 0, dtype, power_of_two)
 
     def grouped_columns(self, x, tiles, dtype, power_of_two):
         return self._raw_or(quantize_grouped_columns, x, 0, dtype, power_of_two, tiles)

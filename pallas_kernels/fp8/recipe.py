@@ -55,7 +55,7 @@ def format_max(dtype: jnp.dtype) -> float:
 
 def scale_from_amax(amax: jax.Array, dtype: jnp.dtype, power_of_two: bool) -> jax.Array:
     """fp32 scale of a tile whose largest magnitude is `amax`: amax / format max (rounded up to a power of two
-    when asked), at least the smallest normal fp32 so that an all-zero tile divides cleanly.
+    when asked), at least the smallest normal fp32 so that an all-zero tile has a finite inverse.
 
     The division is a product with the fp32 reciprocal of the format max: XLA rewrites a division by a constant
     that way anyway, and a product rounds identically in XLA, Triton and NumPy.
@@ -70,17 +70,30 @@ def scale_from_amax(amax: jax.Array, dtype: jnp.dtype, power_of_two: bool) -> ja
     return scale
 
 
-def to_fp8(x: jax.Array, scale: jax.Array, dtype: jnp.dtype, divide: Callable = jnp.divide) -> jax.Array:
-    """x / scale (IEEE division; kernels pass their own) rounded to nearest even in `dtype`; clipped first because
-    out-of-range casts give NaN."""
+def reciprocal(scale: jax.Array) -> jax.Array:
+    """fp32 1 / scale (IEEE division), behind an optimization barrier so that XLA keeps the product with it.
+
+    XLA's algebraic simplifier rewrites a division by a broadcast into a product with the reciprocal (XLA:CPU, in
+    some compiled programs and not others); the two round differently at FP8 rounding ties, which made the CPU
+    tests' bit-exact comparisons flaky. Defining the recipe by the product and hiding the reciprocal from the
+    simplifier makes every CPU path agree bit for bit. On the H200, XLA still computed x / scale in one case (one FP8
+    value in about a million one step off, at a tie); the Triton kernels compute the product exactly.
+    """
+    return jax.lax.optimization_barrier(jnp.ones_like(scale) / scale)
+
+
+def to_fp8(x: jax.Array, inverse: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x x inverse (the tile's reciprocal scale) rounded to nearest even in `dtype`; clipped first because
+    out-of-range casts give NaN. A product rather than x / scale: one division per tile instead of one per element,
+    and what every path (XLA, Triton, NumPy) computes identically."""
     limit = format_max(dtype)
-    return jnp.clip(divide(x.astype(jnp.float32), scale), -limit, limit).astype(dtype)
+    return jnp.clip(x.astype(jnp.float32) * inverse, -limit, limit).astype(dtype)
 
 
 def quantize_tile(
-    x: jax.Array, axis: int, dtype: jnp.dtype, power_of_two: bool, divide: Callable = jnp.divide
+    x: jax.Array, axis: int, dtype: jnp.dtype, power_of_two: bool, inverse: Callable = reciprocal
 ) -> tuple[jax.Array, jax.Array]:
     """One scale per line of `x` along `axis` (a tile's lines): (values in `dtype`, scales fp32 with `axis`
-    reduced away)."""
+    reduced away). `inverse` maps scales to their reciprocals (kernels pass their own IEEE division)."""
     scale = scale_from_amax(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axis), dtype, power_of_two)
-    return to_fp8(x, jnp.broadcast_to(jnp.expand_dims(scale, axis), x.shape), dtype, divide), scale
+    return to_fp8(x, jnp.expand_dims(inverse(scale), axis), dtype), scale

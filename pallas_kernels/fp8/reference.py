@@ -3,7 +3,9 @@ with a custom VJP) and the emulated GEMMs ("reference": quantise -> dequantise -
 
 The recipe. Every GEMM operand is quantised along the GEMM's contraction dimension, in tiles of 128, with an fp32
 scale per tile: scale = amax(|tile|) / format max (448 for e4m3fn; computed as amax x fp32(1/448), at least the
-smallest normal fp32, optionally rounded up to a power of two), values = round-to-nearest-even(clip(x / scale)).
+smallest normal fp32, optionally rounded up to a power of two), values = round-to-nearest-even(clip(x x fp32(1 /
+scale))): a product with the tile's reciprocal (recipe.reciprocal and
+recipe.to_fp8 say why not a division).
 Weights use 128 x 128 blocks instead, one scale per block, so the same quantised weight serves both GEMMs it
 takes part in. Partial edge tiles (a dimension that is not a multiple of 128) are scaled by their own amax.
 
@@ -34,7 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8.recipe import TILE, Fp8Recipe, quantize_tile, scale_from_amax, to_fp8
+from pallas_kernels.fp8.recipe import TILE, Fp8Recipe, quantize_tile, reciprocal, scale_from_amax, to_fp8
 
 
 def num_tiles(size: int) -> int:
@@ -101,7 +103,7 @@ def quantize_blocks(w: jax.Array, dtype: jnp.dtype, power_of_two: bool) -> Block
     padded = pad_axis(pad_axis(w, -2, TILE), -1, TILE)
     blocks = padded.reshape(*lead, num_tiles(k), TILE, num_tiles(n), TILE)
     scales = scale_from_amax(jnp.max(jnp.abs(blocks.astype(jnp.float32)), axis=(-3, -1)), dtype, power_of_two)
-    values = to_fp8(blocks, scales[..., :, None, :, None], dtype)
+    values = to_fp8(blocks, reciprocal(scales)[..., :, None, :, None], dtype)
     return BlockQuantized(values.reshape(padded.shape)[..., :k, :n], scales)
 
 
@@ -178,14 +180,21 @@ class GroupedColumns(NamedTuple):
     scales: jax.Array
 
 
+def tile_row_ranges(tiles: GroupTiles) -> tuple[jax.Array, jax.Array]:
+    """(lo [T], hi [T]) int32: tile t holds the rows of its block in [lo[t], hi[t]), its group's rows (unused
+    entries: the pseudo group's)."""
+    group = jnp.minimum(tiles.tile_group, tiles.group_bounds.shape[0] - 2)
+    return tiles.group_bounds[group], tiles.group_bounds[group + 1]
+
+
 def _tile_blocks(x: jax.Array, tiles: GroupTiles) -> jax.Array:
     """x [rows, c] -> [T, 128, c] fp32: each tile's 128-row block with the rows outside the tile's group zeroed.
     A gather of whole blocks: reads stay plain (no scatter-max)."""
     c = x.shape[1]
     blocks = pad_axis(x, 0, TILE).reshape(-1, TILE, c)[tiles.tile_block].astype(jnp.float32)
     block_rows = tiles.tile_block[:, None] * TILE + jnp.arange(TILE, dtype=jnp.int32)[None, :]
-    group = jnp.minimum(tiles.tile_group, tiles.group_bounds.shape[0] - 2)
-    inside = (block_rows >= tiles.group_bounds[group][:, None]) & (block_rows < tiles.group_bounds[group + 1][:, None])
+    lo, hi = tile_row_ranges(tiles)
+    inside = (block_rows >= lo[:, None]) & (block_rows < hi[:, None])
     return jnp.where(inside[..., None], blocks, 0.0)
 
 
@@ -194,7 +203,7 @@ def quantize_grouped_columns(x: jax.Array, tiles: GroupTiles, dtype: jnp.dtype, 
     tile_of_row, _ = row_tiles(tiles, x.shape[0], TILE)
     amax = jnp.max(jnp.abs(_tile_blocks(x, tiles)), axis=1)
     scales = scale_from_amax(amax, dtype, power_of_two)  # [T, c]
-    return GroupedColumns(to_fp8(x, scales[tile_of_row], dtype).T, scales)
+    return GroupedColumns(to_fp8(x, reciprocal(scales)[tile_of_row], dtype).T, scales)
 
 
 def quantize_tiles_side_by_side(x: jax.Array, tiles: GroupTiles, dtype: jnp.dtype, power_of_two: bool) -> QTensor:

@@ -26,9 +26,11 @@ def scales(amax: np.ndarray, fmt: str, power_of_two: bool) -> np.ndarray:
 
 
 def quantize(x: np.ndarray, s: np.ndarray, fmt: str) -> np.ndarray:
-    """x / s rounded to fp32 (the division's result), clipped, rounded to nearest even in fmt; back as float64."""
-    quotient = np.clip((np.asarray(x, np.float64) / s).astype(np.float32), -fp8_max(fmt), fp8_max(fmt))
-    return quotient.astype(getattr(ml_dtypes, fmt)).astype(np.float64)
+    """x (fp32) x fp32(1 / s) rounded to fp32 (the product of two fp32 numbers is exact in float64), clipped,
+    rounded to nearest even in fmt; back as float64."""
+    inverse = (np.float32(1.0) / np.asarray(s, np.float32)).astype(np.float64)
+    product = (np.asarray(x, np.float32).astype(np.float64) * inverse).astype(np.float32)
+    return np.clip(product, -fp8_max(fmt), fp8_max(fmt)).astype(getattr(ml_dtypes, fmt)).astype(np.float64)
 
 
 def lines_quantize(x: np.ndarray, axis: int, fmt: str, power_of_two: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -178,11 +178,13 @@ def test_native_equals_emulated_on_gpu(implementation):
     emulated = _grouped(Emulated(), Fp8Recipe(), lhs, rhs, group_sizes, gdy)
     # fp32 results: summation order, plus (fused) a rare tie that XLA and the kernel round differently.
     _assert_close(got, emulated, 1e-3, ("out", "dlhs", "drhs"), seed)
-    # Both against the recipe in float64: XLA on the GPU once dropped the emulated drhs's quantisation (from_fp8).
+    # Both against the recipe in float64: XLA on the GPU once dropped the emulated drhs's quantisation (from_fp8),
+    # a 3e-2 error. Not bit for bit: XLA on the GPU can compute x / scale where the recipe says x * (1 / scale)
+    # (recipe.reciprocal), and one FP8 value in about a million then lands on the other side of a rounding tie.
     fmt = "float8_e4m3fn"
     want = ref64.grouped_matmul_and_grads(*map(np.asarray, (lhs, rhs, sizes, gdy)), fmt, fmt, False)
     for name, g, e, w in zip(("out", "dlhs", "drhs"), got, emulated, want, strict=True):
-        assert ref64.relative_error(e, w) <= 1e-5 and ref64.relative_error(g, w) <= 1e-3, name
+        assert ref64.relative_error(e, w) <= 1e-3 and ref64.relative_error(g, w) <= 1e-3, name
 
 
 def _compiled_text(fn, *args) -> str:
@@ -234,7 +236,8 @@ def test_native_matmuls_multiply_fp8_operands(implementation, capfd):
 @ON_GPU
 def test_mosaic_matmuls_multiply_fp8_operands():
     """The Mosaic GPU route: y, dx, dw and the grouped out, dlhs, drhs are Mosaic GPU kernels whose operands are FP8
-    arrays (wgmma multiplies its shared-memory operands as they are typed); no Triton kernel, no XLA GEMM."""
+    arrays (wgmma multiplies its shared-memory operands as they are typed); no XLA GEMM, and the only Triton kernels
+    are the quantisers (pallas_triton_quantize.py)."""
     from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend
 
     hlo = _native_step_programs(MosaicBackend())
@@ -242,5 +245,6 @@ def test_mosaic_matmuls_multiply_fp8_operands():
     assert len(calls) >= 6, "expected 3 dense + 3 grouped Mosaic GPU kernels"
     for line in calls:
         assert line.split("custom-call(")[1].count("f8e4m3fn") >= 2, line
-    assert "__gpu$xla.gpu.triton" not in hlo
+    triton_calls = [line for line in hlo.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert triton_calls and all("fp8_quantize_" in line for line in triton_calls), triton_calls[:1]
     _assert_no_xla_gemm(hlo)
