@@ -7,20 +7,23 @@
     python benchmarks/fp8.py --quick    # small shapes, to try the script
     python benchmarks/fp8.py --sections dense      # a subset of check,dense,grouped,quant
 
-1. Correctness first: the native routes ("pallas_triton": activations quantised by XLA; "pallas_triton_fused":
-   quantised in the kernel; "pallas_mosaic_gpu": every GEMM on Mosaic GPU) against the
+1. Correctness first: the native routes ("pallas_triton": activations quantised by the one-pass Triton kernels
+   of pallas_triton_quantize.py; "pallas_triton_fused": quantised in the GEMM; "pallas_mosaic_gpu": every GEMM on
+   Mosaic GPU, the same quantisation kernels) against the
    emulated recipe on the GPU, forward and every gradient, dense and grouped, odd shapes (partial tiles, empty
    groups, padding rows). A failing case is reported and the script goes on.
 2. Per shape and GEMM (dense: fwd y = x w, dgrad dx = dy w^T, wgrad dw = x^T dy; grouped: fwd, dlhs, drhs):
      bf16      jnp.dot in bf16 (cuBLAS) / the model's bf16 grouped matmul (tokamax when installed)
      kernel    our FP8 kernel on pre-quantised operands: the GEMM alone
-     +quant    the kernel plus the XLA quantisation of its activation / gradient operands (the weight's is
-               excluded: it is quantised once per step for two GEMMs; its pass has its own line)
+     +quant    the kernel plus the quantisation of its activation / gradient operands by the Triton kernels
+               (grouped drhs: XLA); the weight's is excluded: it is quantised once per step for two GEMMs, its
+               pass has its own line
      fused     the kernel quantising raw activations / gradients in registers
      Mosaic    the Pallas Mosaic GPU kernels (pallas_mosaic_gpu.py), pre-quantised operands (grouped: also
                timed with their quantisation, "mosaic_with_quant_ms" in the JSON)
    speed-up = bf16 ms / FP8 ms; error = relative Frobenius error vs the fp32 product (grouped: over 4 groups).
    Then the whole op, forward + backward (jax.vjp), FP8 routes vs bf16: what a layer sees.
+3. quant: every quantiser alone, XLA's (reference.py) beside the Triton kernel's, against the HBM floor.
 Dense shapes [M, K] x [K, N]: the issue's three. Grouped: Ring-mini's MoE (16384 tokens x top-8 = 131072 rows,
 256 experts, hidden 2048, expert width 512, gate|up fused to 1024 columns), uniform routing. XLA's per-tensor FP8
 dot (cuBLASLt, no block scales) is listed for the forward shapes as a reference ceiling.
