@@ -3,9 +3,8 @@ with a custom VJP) and the emulated GEMMs ("reference": quantise -> dequantise -
 
 The recipe. Every GEMM operand is quantised along the GEMM's contraction dimension, in tiles of 128, with an fp32
 scale per tile: scale = amax(|tile|) / format max (448 for e4m3fn; computed as amax x fp32(1/448), at least the
-smallest normal fp32, optionally rounded up to a power of two), values = round-to-nearest-even(clip(x x fp32(1 /
-scale))): a product with the tile's reciprocal (recipe.reciprocal and
-recipe.to_fp8 say why not a division).
+smallest normal fp32, optionally rounded up to a power of two), values = round-to-nearest-even(clip(x x
+fp32(1 / scale))): a product with the tile's reciprocal (recipe.reciprocal and recipe.to_fp8 say why not a division).
 Weights use 128 x 128 blocks instead, one scale per block, so the same quantised weight serves both GEMMs it
 takes part in. Partial edge tiles (a dimension that is not a multiple of 128) are scaled by their own amax.
 

@@ -1,6 +1,6 @@
 """Pallas FP8 kernels against the emulated recipe: forward and every gradient, dense and grouped, with activations
-quantised by XLA ("pallas_triton") or in the kernel ("pallas_triton_fused"), and the Mosaic GPU dense kernel
-("pallas_mosaic_gpu").
+quantised by the Triton quantisation kernels ("pallas_triton") or in the GEMM ("pallas_triton_fused"), and the
+Mosaic GPU kernels ("pallas_mosaic_gpu").
 
 CPU CI runs the kernels in interpret mode on small shapes (odd sizes, so edge tiles and padding are exercised);
 the `gpu`-marked tests compile them, compare with the emulated recipe on the GPU and read the compiled program to
