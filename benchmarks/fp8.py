@@ -27,7 +27,8 @@
 Dense shapes [M, K] x [K, N]: the issue's three. Grouped: Ring-mini's MoE (16384 tokens x top-8 = 131072 rows,
 256 experts, hidden 2048, expert width 512, gate|up fused to 1024 columns), uniform routing. XLA's per-tensor FP8
 dot (cuBLASLt, no block scales) is listed for the forward shapes as a reference ceiling.
-Timing: benchmarks.profiling.median_ms (median of --reps synchronised calls after a compiling call). Arrays are
+Timing: benchmarks.profiling.back_to_back_ms (after a compiling call, 5 rounds of --reps calls queued back to
+back, one synchronisation per round: the median round's ms per call, free of per-call host latency). Arrays are
 passed to the jitted functions as arguments (closing over them would bake them in as constants).
 Raw results: $OUT/fp8.json (or --json_out).
 """
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.profiling import median_ms
+from benchmarks.profiling import back_to_back_ms
 from pallas_kernels.fp8 import Fp8Recipe, pallas_triton_quantize, reference
 from pallas_kernels.fp8.pallas_mosaic_gpu import (
     MosaicBackend,
@@ -85,7 +86,8 @@ SWEEP = [  # block_m, block_n, num_warps, num_stages, k_unroll; 256-wide tiles n
     (128, 128, 8, 3, 1), (128, 128, 8, 3, 2), (128, 128, 8, 4, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1),
     (128, 64, 4, 4, 2), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 2, 2),
 ]  # fmt: skip
-MOSAIC_SWEEP = [(128, 2, 2), (128, 4, 1), (128, 6, 1), (64, 4, 2)]  # tile_n, max_concurrent_steps, blocks_per_step
+# tile_n, max_concurrent_steps, blocks_per_step; 192-wide tiles hold one 128-wide block per step in registers
+MOSAIC_SWEEP = [(128, 2, 2), (128, 4, 1), (192, 4, 1), (64, 4, 2)]
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
 
@@ -222,20 +224,20 @@ def dense_gemm_case(name: str, x, w, dy, wq, reps: int) -> dict:
     bf16_fn, build = DENSE_BF16[name], dense_operands(name, fused=False)
     w16 = w.astype(jnp.bfloat16)
     bf16 = jax.jit(bf16_fn)
-    bf16_ms = median_ms(bf16, x, w16, dy, reps=reps)
+    bf16_ms = back_to_back_ms(bf16, x, w16, dy, reps=reps)
     a, b = jax.jit(build)(x, wq, dy)
     kernel = jax.jit(lambda a, b: dense(a, b, jnp.bfloat16))
-    kernel_ms = median_ms(kernel, a, b, reps=reps)
-    quant_ms = median_ms(jax.jit(lambda *t: dense(*build(*t), jnp.bfloat16)), x, wq, dy, reps=reps)
+    kernel_ms = back_to_back_ms(kernel, a, b, reps=reps)
+    quant_ms = back_to_back_ms(jax.jit(lambda *t: dense(*build(*t), jnp.bfloat16)), x, wq, dy, reps=reps)
     fused = jax.jit(lambda *t: dense(*dense_operands(name, fused=True)(*t), jnp.bfloat16))
-    fused_ms = median_ms(fused, x, wq, dy, reps=reps)
+    fused_ms = back_to_back_ms(fused, x, wq, dy, reps=reps)
     exact = jax.jit(lambda *t: bf16_fn(*(v.astype(jnp.float32) for v in t)))(x, w, dy)
     flops = 2 * x.shape[0] * x.shape[1] * w.shape[1]
     row = {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": rel_err(kernel(a, b), exact),
            "bf16_error": rel_err(bf16(x, w16, dy), exact)}  # fmt: skip
     try:  # the Mosaic GPU kernel on the same pre-quantised operands
         mosaic = jax.jit(lambda a, b: dense_gemm_mosaic(a, b, jnp.bfloat16, interpret=INTERPRET))
-        row["mosaic_ms"] = median_ms(mosaic, a, b, reps=reps)
+        row["mosaic_ms"] = back_to_back_ms(mosaic, a, b, reps=reps)
         row["speedup_mosaic"] = bf16_ms / row["mosaic_ms"]
         row["mosaic_vs_triton_error"] = rel_err(mosaic(a, b), kernel(a, b))
     except Exception as e:  # noqa: BLE001 - report and go on
@@ -245,19 +247,19 @@ def dense_gemm_case(name: str, x, w, dy, wq, reps: int) -> dict:
 
 def per_tensor_fp8_case(x, w, reps: int) -> dict:
     x8, w8 = x.astype(E4M3), w.astype(E4M3)
-    ms = median_ms(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), x8, w8, reps=reps)
+    ms = back_to_back_ms(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), x8, w8, reps=reps)
     return {"ms": ms, "tflops": 2 * x.shape[0] * x.shape[1] * w.shape[1] / ms / 1e9}
 
 
 def weight_quant_case(w, reps: int) -> dict:
-    return {"ms": median_ms(jax.jit(lambda w: quantize_blocks(w, E4M3, False)), w, reps=reps)}
+    return {"ms": back_to_back_ms(jax.jit(lambda w: quantize_blocks(w, E4M3, False)), w, reps=reps)}
 
 
 def fwd_bwd_ms(fn: Callable, args: tuple, reps: int) -> float:
     """Median ms of forward + backward: args = (a, b, *extra, cotangent), fn(a, b, *extra) differentiated in a, b."""
     a, b, *extra, cotangent = args
     step = jax.jit(lambda a, b, ct, *extra: jax.vjp(lambda a, b: fn(a, b, *extra), a, b)[1](ct))
-    return median_ms(step, a, b, cotangent, *extra, reps=reps)
+    return back_to_back_ms(step, a, b, cotangent, *extra, reps=reps)
 
 
 def op_case(bf16_fn: Callable, fp8_fn: Callable, args: tuple, reps: int) -> dict:
@@ -333,14 +335,14 @@ def grouped_error(name: str, got, lhs, rhs, dy, sizes, groups_checked: int = 4) 
 
 def grouped_gemm_case(name: str, lhs, rhs, dy, sizes, tiles, wq, reps: int) -> dict:
     build, run = grouped_operands(name, fused=False), grouped_kernel(name, rhs.shape[0])
-    bf16_ms = median_ms(jax.jit(GROUPED_BF16[name]), lhs, rhs.astype(jnp.bfloat16), dy, sizes, reps=reps)
+    bf16_ms = back_to_back_ms(jax.jit(GROUPED_BF16[name]), lhs, rhs.astype(jnp.bfloat16), dy, sizes, reps=reps)
     a, b = jax.jit(build)(lhs, wq, dy, tiles)
     kernel = jax.jit(run)
-    kernel_ms = median_ms(kernel, a, b, sizes, tiles, reps=reps)
+    kernel_ms = back_to_back_ms(kernel, a, b, sizes, tiles, reps=reps)
     quant = jax.jit(lambda lhs, wq, dy, s, t: run(*build(lhs, wq, dy, t), s, t))
-    quant_ms = median_ms(quant, lhs, wq, dy, sizes, tiles, reps=reps)
+    quant_ms = back_to_back_ms(quant, lhs, wq, dy, sizes, tiles, reps=reps)
     fused = jax.jit(lambda lhs, wq, dy, s, t: run(*grouped_operands(name, True)(lhs, wq, dy, t), s, t))
-    fused_ms = median_ms(fused, lhs, wq, dy, sizes, tiles, reps=reps)
+    fused_ms = back_to_back_ms(fused, lhs, wq, dy, sizes, tiles, reps=reps)
     flops = 2 * lhs.shape[0] * rhs.shape[1] * rhs.shape[2]
     error = grouped_error(name, kernel(a, b, sizes, tiles), lhs, rhs, dy, sizes)
     row = {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": error}
@@ -353,9 +355,9 @@ def grouped_gemm_case(name: str, lhs, rhs, dy, sizes, tiles, wq, reps: int) -> d
             run = lambda a, b, s, t: grouped_rows_gemm_mosaic(a, b, s, jnp.bfloat16, interpret=INTERPRET)
         a, b = jax.jit(build)(lhs, wq, dy, tiles)
         mosaic = jax.jit(run)
-        row["mosaic_ms"] = median_ms(mosaic, a, b, sizes, tiles, reps=reps)
+        row["mosaic_ms"] = back_to_back_ms(mosaic, a, b, sizes, tiles, reps=reps)
         quant = jax.jit(lambda lhs, wq, dy, s, t: run(*build(lhs, wq, dy, t), s, t))
-        row["mosaic_with_quant_ms"] = median_ms(quant, lhs, wq, dy, sizes, tiles, reps=reps)
+        row["mosaic_with_quant_ms"] = back_to_back_ms(quant, lhs, wq, dy, sizes, tiles, reps=reps)
         row["speedup_mosaic"] = bf16_ms / row["mosaic_ms"]
         row["mosaic_error"] = grouped_error(name, mosaic(a, b, sizes, tiles), lhs, rhs, dy, sizes)
     except Exception as e:  # noqa: BLE001 - report and go on
@@ -364,7 +366,7 @@ def grouped_gemm_case(name: str, lhs, rhs, dy, sizes, tiles, wq, reps: int) -> d
 
 
 def dense_equal_flops_case(lhs, rhs, reps: int) -> dict:
-    ms = median_ms(jax.jit(jnp.dot), lhs, rhs[0].astype(jnp.bfloat16), reps=reps)
+    ms = back_to_back_ms(jax.jit(jnp.dot), lhs, rhs[0].astype(jnp.bfloat16), reps=reps)
     return {"ms": ms, "tflops": 2 * lhs.shape[0] * rhs.shape[1] * rhs.shape[2] / ms / 1e9}
 
 
@@ -396,7 +398,7 @@ def quant_case(fn: Callable, args: tuple, reps: int) -> dict:
     """ms of one quantiser and its bytes (inputs read + outputs written once) as a fraction of the HBM floor."""
     quantise = jax.jit(fn)
     moved = sum(a.nbytes for a in jax.tree.leaves((args, quantise(*args))))
-    ms = median_ms(quantise, *args, reps=reps)
+    ms = back_to_back_ms(quantise, *args, reps=reps)
     return {"ms": ms, "gb_per_s": moved / ms / 1e6, "fraction_of_floor": moved / HBM_BYTES_PER_S / (ms / 1e3)}
 
 
@@ -427,7 +429,8 @@ def time_quantisers(results: list[dict], dense_shapes, grouped_shapes, reps: int
 # --------------------------------------------------------------------------------------------------------------
 # 3. Tile-config sweep.
 def sweep_calls(dense_shapes, grouped_shapes) -> list[tuple]:
-    """(TUNED_CONFIGS key, label, kernel(cfg, *args), args, flops) for every kernel call of the benchmark."""
+    """(TUNED_CONFIGS key, label, kernel(cfg, *args), args, flops, bf16 baseline, its args) for every kernel call
+    of the benchmark."""
     calls = []
     for m, k, n in dense_shapes:
         keys = jax.random.split(jax.random.key(1), 3)
@@ -436,11 +439,12 @@ def sweep_calls(dense_shapes, grouped_shapes) -> list[tuple]:
         for name in DENSE_BF16:
             a, b = jax.jit(dense_operands(name, fused=False))(x, wq, dy)
             calls.append((("dense", a.values.shape[1], b.values.shape[0]), f"dense {name} {m}x{k}x{n}",
-                          lambda cfg, a, b: dense(a, b, jnp.bfloat16, cfg), (a, b), 2 * m * k * n))  # fmt: skip
+                          lambda cfg, a, b: dense(a, b, jnp.bfloat16, cfg), (a, b), 2 * m * k * n,
+                          DENSE_BF16[name], (x, w.astype(jnp.bfloat16), dy)))  # fmt: skip
     for rows, k, n, groups in grouped_shapes:
         keys = jax.random.split(jax.random.key(2), 3)
-        lhs, dy = normal(keys[0], (rows, k)), normal(keys[2], (rows, n))
-        wq = quantize_blocks(normal(keys[1], (groups, k, n), jnp.float32, 0.02), E4M3, False)
+        lhs, dy, rhs = normal(keys[0], (rows, k)), normal(keys[2], (rows, n)), normal(keys[1], (groups, k, n))
+        wq = quantize_blocks(rhs.astype(jnp.float32) * 0.02, E4M3, False)
         sizes = uniform_group_sizes(rows, groups)
         tiles = group_tiles(sizes, rows, TILE)
         rows_kernel = lambda cfg, a, b, s, t: rows_gemm(a, b, s, jnp.bfloat16, cfg)
@@ -449,21 +453,33 @@ def sweep_calls(dense_shapes, grouped_shapes) -> list[tuple]:
                                   ("drhs", ("contract", rows, n), contract_kernel)):  # fmt: skip
             a, b = jax.jit(grouped_operands(name, fused=False))(lhs, wq, dy, tiles)
             calls.append((key, f"grouped {name} {rows}x{k}x{n}/{groups}", kernel, (a, b, sizes, tiles),
-                          2 * rows * k * n))  # fmt: skip
+                          2 * rows * k * n, GROUPED_BF16[name], (lhs, rhs, dy, sizes)))  # fmt: skip
     return calls
 
 
 def sweep_case(kernel: Callable, cfg: KernelConfig, args: tuple, flops: float, reps: int) -> dict:
-    ms = median_ms(jax.jit(functools.partial(kernel, cfg)), *args, reps=reps)
+    ms = back_to_back_ms(jax.jit(functools.partial(kernel, cfg)), *args, reps=reps)
     return {"ms": ms, "tflops": flops / ms / 1e9}
+
+
+def mosaic_sweep_case(kernel: Callable, cfg: MosaicConfig, args: tuple, flops: float, reps: int, bf16_ms: float,
+                      default: jax.Array) -> dict:  # fmt: skip
+    """sweep_case plus the speed-up over bf16 and the error against the default config's result."""
+    error = rel_err(jax.jit(functools.partial(kernel, cfg))(*args), default)
+    timed = sweep_case(kernel, cfg, args, flops, reps)
+    return {**timed, "speedup": bf16_ms / timed["ms"], "error_vs_default": error}
 
 
 def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s: float, routes: str) -> None:
     """Times every SWEEP config (routes "triton") and MOSAIC_SWEEP config ("mosaic") per kernel call (pre-quantised
-    operands); prints the winners and a TUNED_CONFIGS literal keyed as pallas_triton.kernel_config looks configs up."""
+    operands) beside the bf16 GEMM; prints the winners and a TUNED_CONFIGS literal keyed as
+    pallas_triton.kernel_config looks configs up. Mosaic configs also report their error against the default one."""
     calls, winners = sweep_calls(dense_shapes, grouped_shapes), {}
     per_call_s = budget_s / len(calls)  # each kernel call gets its share; the first config always runs
-    for key, label, kernel, args, flops in calls:
+    for key, label, kernel, args, flops, bf16_fn, bf16_args in calls:
+        bf16_ms = back_to_back_ms(jax.jit(bf16_fn), *bf16_args, reps=reps)
+        results.append({"section": "sweep", "kernel": label, "bf16_ms": bf16_ms})
+        print(f"sweep: {label}: bf16 {bf16_ms:.3f} ms ({flops / bf16_ms / 1e9:.0f} TFLOP/s)", flush=True)
         best, start = None, time.perf_counter()
         for index, (bm, bn, warps, stages, unroll) in enumerate(SWEEP if "triton" in routes else ()):
             if index and time.perf_counter() - start > per_call_s:
@@ -483,12 +499,15 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
             else:
                 mosaic = lambda cfg, a, b, s, t: grouped_rows_gemm_mosaic(a, b, s, jnp.bfloat16, cfg,
                                                                           interpret=INTERPRET)
+            default = jax.jit(functools.partial(mosaic, MosaicConfig()))(*args)
             for tile_n, steps, blocks in MOSAIC_SWEEP:
                 cfg = MosaicConfig(tile_n=tile_n, max_concurrent_steps=steps, blocks_per_step=blocks)
                 record = {"section": "sweep", "kernel": f"{label} (Mosaic GPU)", "config": dataclasses.asdict(cfg)}
-                attempt(results, record, functools.partial(sweep_case, mosaic, cfg, args, flops, reps))
+                case = functools.partial(mosaic_sweep_case, mosaic, cfg, args, flops, reps, bf16_ms, default)
+                attempt(results, record, case)
                 if "ms" in record:
-                    print(f"sweep: {label}: Mosaic GPU {cfg} {record['ms']:.3f} ms ({record['tflops']:.0f} TFLOP/s)")
+                    print(f"sweep: {label}: Mosaic GPU {cfg} {record['ms']:.3f} ms ({record['tflops']:.0f} TFLOP/s, "
+                          f"{record['speedup']:.2f}x bf16)", flush=True)  # fmt: skip
     print("\n# paste into pallas_kernels/fp8/pallas_triton.py")
     print("TUNED_CONFIGS: dict[tuple[str, int, int], KernelConfig] = {")
     for key, (cfg, ms) in winners.items():

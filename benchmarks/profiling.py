@@ -2,6 +2,7 @@
 trace (no extra packages: the Perfetto JSON).
 
     ms = median_ms(fn, *args)        # after one warm-up call
+    ms = back_to_back_ms(fn, *args)  # sub-millisecond kernels: calls queued back to back, one sync per round
     rows = kernel_times(fn, *args)   # [(kernel name, ms per call, launches per call)], longest first
 
 Used by the benchmarks to say where a part's time goes; on CPU the trace holds no device kernels (empty list).
@@ -32,6 +33,20 @@ def median_ms(fn: Callable, *args: Any, reps: int = 10) -> float:
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def back_to_back_ms(fn: Callable, *args: Any, reps: int = 20, rounds: int = 5) -> float:
+    """Median over `rounds` of the mean ms per call of `reps` calls queued back to back with one synchronisation.
+    For sub-millisecond kernels: a synchronised call adds the host's launch and wake-up latency (tens of
+    microseconds, and jittery) to each sample; queued calls run one after another on the device."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        outs = [fn(*args) for _ in range(reps)]
+        jax.block_until_ready(outs)
+        samples.append((time.perf_counter() - start) * 1e3 / reps)
     return statistics.median(samples)
 
 

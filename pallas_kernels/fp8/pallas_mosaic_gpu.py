@@ -15,7 +15,9 @@ A persistent grid walks the output tiles (128 rows x tile_n columns). Per tile a
 contraction steps of A, B and their scales into shared memory; two compute warpgroups each own 64 of the rows,
 issue each 128-wide block's wgmma into a fresh accumulator and fold it into their fp32 register total with the
 scales (the recipe's promotion every 128 contraction elements). With two blocks per step the second block's wgmma
-runs on the tensor cores while the first is folded in on the CUDA cores.
+runs on the tensor cores while the first is folded in on the CUDA cores. The pipelines of a CTA's consecutive tiles
+are chained, so the memory warpgroup streams the next tile's first steps while this one's last are multiplied and
+stored.
 
 Grouped by rows: rows sorted by group, B [G, N, c]; the row tiles are reference.GroupTiles (128-row blocks cut at
 group boundaries, so a block that two groups share is computed once per group). A tile multiplies its group's
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas.mosaic_gpu import PipelinePipeline
 
 from pallas_kernels.fp8.pallas_triton import TritonBackend
 from pallas_kernels.fp8.pallas_triton_quantize import quantize_tiles_side_by_side
@@ -117,7 +120,7 @@ def _store_rows(out_smem, out_gmem, lo, hi):
 def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
     kind = layout.kind
     if kind == "rows":
-        tile_group, tile_block, group_bounds, a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem = refs
+        tile_group, tile_block, group_first_tile, group_bounds, a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem = refs
         num_groups, m_tiles = b_gmem.shape[0], tile_group.shape[0]
     elif kind == "contract":
         first_tile, a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem = refs
@@ -130,9 +133,14 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
     step_k = TILE * blocks
     fp8_transforms = _swizzled(a_gmem.dtype, step_k)
     num_items = (num_groups if kind == "contract" else 1) * m_tiles * n_tiles
+    # The pipelines of one CTA's consecutive tiles are chained (PipelinePipeline START, STEADY..., STOP): the memory
+    # warpgroup loads the next tile's first steps while the compute warpgroups finish this one, instead of draining
+    # the pipeline at every tile. That needs a static number of steps that the pipeline depth divides.
+    static_steps = c // step_k
+    chained = kind != "contract" and static_steps % min(cfg.max_concurrent_steps, static_steps) == 0
 
-    def pipeline(step, context, k_first=0, steps=c // step_k):
-        """The contraction steps [k_first, k_first + steps) of one output tile."""
+    def pipeline(step, context, k_first=0, steps=static_steps, state=None):
+        """The contraction steps [k_first, k_first + steps) of one output tile; state: its PipelinePipeline."""
         in_specs = [
             plgpu.BlockSpec((_TILE_M, step_k), lambda k: (0, k_first + k), transforms=fp8_transforms,
                             memory_space=plgpu.SMEM),
@@ -151,6 +159,7 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
             num_compute_wgs=_COMPUTE_WARPGROUPS,
             max_concurrent_steps=cfg.max_concurrent_steps,
             compute_context=context,
+            pipeline_state=state,
         )
 
     def operands(rows, columns, b_group) -> list:
@@ -235,8 +244,16 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
 
                 return pl.run_scoped(products, *[plgpu.ACC(shape, jnp.float32) for _ in range(blocks)])
 
+            state = None
+            if chained:  # the tiles that multiply come first: a CTA's last such tile has none after it
+                multiplying = num_items if kind == "dense" else group_first_tile[num_groups] * n_tiles
+                last = index + lax.axis_size("sm") >= multiplying
+                # A CTA's only tile is START and skips STOP's drain: nothing uses the buffers after it.
+                state = jnp.where(loop.local_index == 0, PipelinePipeline.START,
+                                  jnp.where(last, PipelinePipeline.STOP, PipelinePipeline.STEADY))  # fmt: skip
+
             def multiply():
-                pipeline(step, lambda run: store(run(zeros())), k_first, steps)(
+                pipeline(step, lambda run: store(run(zeros())), k_first, steps, state)(
                     *operands(rows, columns, b_group), allocations=allocations
                 )
 
@@ -286,7 +303,7 @@ def _gemm(a: QTensor, b: QTensor, out_dtype, cfg: MosaicConfig, interpret: bool,
     groups = ()
     if kind == "rows":
         tiles = group_tiles(group_sizes, m, _TILE_M)
-        groups = (tiles.tile_group, tiles.tile_block, tiles.group_bounds)
+        groups = (tiles.tile_group, tiles.tile_block, tiles.group_first_tile, tiles.group_bounds)
     out_shape = (a_values.shape[0], b_values.shape[-2])
     out = _launch(layout, cfg, interpret, out_shape, out_dtype, *groups, a_values, b_values, a_scales, b_scales)
     return out[:m, :n]

@@ -107,12 +107,15 @@ MOSAIC_CASES = [(64, 2, 1), (128, 2, 2)]  # (tile_n, pipeline depth, contraction
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tile_n, depth, blocks", MOSAIC_CASES)
-def test_mosaic_dense_kernel_matches_the_emulated_recipe(tile_n, depth, blocks, seed):
+@pytest.mark.parametrize("m", [200, 100])
+def test_mosaic_dense_kernel_matches_the_emulated_recipe(tile_n, depth, blocks, m, seed):
     """The Mosaic GPU dense kernel (Mosaic GPU interpret mode) for y, dx and dw, partial tiles everywhere; 64-wide
-    tiles apply the weight's block scale as one value per tile, 128-wide ones too, dw per column."""
+    tiles apply the weight's block scale as one value per tile, 128-wide ones too, dw per column. On the two
+    interpreted SMs each runs 1 to 3 tiles: chained pipelines (START, STEADY, STOP) and lone ones (m = 100: y's two
+    tiles)."""
     from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig
 
-    x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=200, k=300, n=136)
+    x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=m, k=300, n=136)
     config = MosaicConfig(tile_n=tile_n, max_concurrent_steps=depth, blocks_per_step=blocks)
     got = _dense(MosaicBackend(interpret=True, mosaic_config=config), Fp8Recipe(), x, w, dy)
     want = _dense(Emulated(), Fp8Recipe(), x, w, dy)
