@@ -443,8 +443,9 @@ def sweep_calls(dense_shapes, grouped_shapes) -> list[tuple]:
                           DENSE_BF16[name], (x, w.astype(jnp.bfloat16), dy)))  # fmt: skip
     for rows, k, n, groups in grouped_shapes:
         keys = jax.random.split(jax.random.key(2), 3)
-        lhs, dy, rhs = normal(keys[0], (rows, k)), normal(keys[2], (rows, n)), normal(keys[1], (groups, k, n))
-        wq = quantize_blocks(rhs.astype(jnp.float32) * 0.02, E4M3, False)
+        lhs, dy = normal(keys[0], (rows, k)), normal(keys[2], (rows, n))
+        rhs = normal(keys[1], (groups, k, n), jnp.float32, 0.02)
+        wq, rhs16 = quantize_blocks(rhs, E4M3, False), rhs.astype(jnp.bfloat16)
         sizes = uniform_group_sizes(rows, groups)
         tiles = group_tiles(sizes, rows, TILE)
         rows_kernel = lambda cfg, a, b, s, t: rows_gemm(a, b, s, jnp.bfloat16, cfg)
@@ -453,21 +454,20 @@ def sweep_calls(dense_shapes, grouped_shapes) -> list[tuple]:
                                   ("drhs", ("contract", rows, n), contract_kernel)):  # fmt: skip
             a, b = jax.jit(grouped_operands(name, fused=False))(lhs, wq, dy, tiles)
             calls.append((key, f"grouped {name} {rows}x{k}x{n}/{groups}", kernel, (a, b, sizes, tiles),
-                          2 * rows * k * n, GROUPED_BF16[name], (lhs, rhs, dy, sizes)))  # fmt: skip
+                          2 * rows * k * n, GROUPED_BF16[name], (lhs, rhs16, dy, sizes)))  # fmt: skip
     return calls
 
 
-def sweep_case(kernel: Callable, cfg: KernelConfig, args: tuple, flops: float, reps: int) -> dict:
-    ms = back_to_back_ms(jax.jit(functools.partial(kernel, cfg)), *args, reps=reps)
-    return {"ms": ms, "tflops": flops / ms / 1e9}
-
-
-def mosaic_sweep_case(kernel: Callable, cfg: MosaicConfig, args: tuple, flops: float, reps: int, bf16_ms: float,
-                      default: jax.Array) -> dict:  # fmt: skip
-    """sweep_case plus the speed-up over bf16 and the error against the default config's result."""
-    error = rel_err(jax.jit(functools.partial(kernel, cfg))(*args), default)
-    timed = sweep_case(kernel, cfg, args, flops, reps)
-    return {**timed, "speedup": bf16_ms / timed["ms"], "error_vs_default": error}
+def sweep_case(kernel: Callable, cfg: KernelConfig | MosaicConfig, args: tuple, flops: float, reps: int,
+               bf16_ms: float, default: jax.Array | None = None) -> dict:  # fmt: skip
+    """ms, TFLOP/s and speed-up over bf16 of kernel(cfg, *args); with `default` (the default config's result), also
+    the error against it."""
+    run = jax.jit(functools.partial(kernel, cfg))
+    ms = back_to_back_ms(run, *args, reps=reps)
+    row = {"ms": ms, "tflops": flops / ms / 1e9, "speedup": bf16_ms / ms}
+    if default is not None:
+        row["error_vs_default"] = rel_err(run(*args), default)
+    return row
 
 
 def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s: float, routes: str) -> None:
@@ -487,7 +487,7 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
                 break
             cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, k_unroll=unroll)
             record = {"section": "sweep", "kernel": label, "config": dataclasses.asdict(cfg)}
-            attempt(results, record, functools.partial(sweep_case, kernel, cfg, args, flops, reps))
+            attempt(results, record, functools.partial(sweep_case, kernel, cfg, args, flops, reps, bf16_ms))
             if "ms" in record and (best is None or record["ms"] < best[1]):
                 best = (cfg, record["ms"])
         if best is not None:
@@ -503,7 +503,7 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
             for tile_n, steps, blocks in MOSAIC_SWEEP:
                 cfg = MosaicConfig(tile_n=tile_n, max_concurrent_steps=steps, blocks_per_step=blocks)
                 record = {"section": "sweep", "kernel": f"{label} (Mosaic GPU)", "config": dataclasses.asdict(cfg)}
-                case = functools.partial(mosaic_sweep_case, mosaic, cfg, args, flops, reps, bf16_ms, default)
+                case = functools.partial(sweep_case, mosaic, cfg, args, flops, reps, bf16_ms, default)
                 attempt(results, record, case)
                 if "ms" in record:
                     print(f"sweep: {label}: Mosaic GPU {cfg} {record['ms']:.3f} ms ({record['tflops']:.0f} TFLOP/s, "

@@ -192,7 +192,7 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
             group, tile = lax.div(index, m_tiles * n_tiles), lax.rem(index, m_tiles * n_tiles)
             tile, column_tile = lax.div(tile, n_tiles), lax.rem(tile, n_tiles)
             columns = pl.ds(column_tile * tile_n, tile_n)
-            b_group, k_first, steps = group, 0, c // step_k
+            b_group, k_first, steps = group, 0, static_steps
             if kind == "rows":
                 group, block = tile_group[tile], tile_block[tile]
                 known = jnp.minimum(group, num_groups)  # unused entries (num_groups + 1) store nothing
