@@ -87,7 +87,8 @@ SWEEP = [  # block_m, block_n, num_warps, num_stages, k_unroll; 256-wide tiles n
     (128, 64, 4, 4, 2), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 2, 2),
 ]  # fmt: skip
 # tile_n, max_concurrent_steps, blocks_per_step; 192-wide tiles hold one 128-wide block per step in registers
-MOSAIC_SWEEP = [(128, 2, 2), (128, 4, 1), (192, 4, 1), (64, 4, 2)]
+# (tile_n, pipeline depth, blocks per step, row panel); the first is the default, the second walks tiles row by row
+MOSAIC_SWEEP = [(128, 2, 2, 8), (128, 2, 2, 1), (128, 4, 1, 8), (192, 4, 1, 8), (64, 4, 2, 8)]
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
 
@@ -500,8 +501,8 @@ def sweep(results: list[dict], dense_shapes, grouped_shapes, reps: int, budget_s
                 mosaic = lambda cfg, a, b, s, t: grouped_rows_gemm_mosaic(a, b, s, jnp.bfloat16, cfg,
                                                                           interpret=INTERPRET)
             default = jax.jit(functools.partial(mosaic, MosaicConfig()))(*args)
-            for tile_n, steps, blocks in MOSAIC_SWEEP:
-                cfg = MosaicConfig(tile_n=tile_n, max_concurrent_steps=steps, blocks_per_step=blocks)
+            for tile_n, steps, blocks, panel in MOSAIC_SWEEP:
+                cfg = MosaicConfig(tile_n=tile_n, max_concurrent_steps=steps, blocks_per_step=blocks, row_panel=panel)
                 record = {"section": "sweep", "kernel": f"{label} (Mosaic GPU)", "config": dataclasses.asdict(cfg)}
                 case = functools.partial(sweep_case, mosaic, cfg, args, flops, reps, bf16_ms, default)
                 attempt(results, record, case)
@@ -555,10 +556,12 @@ def main() -> None:
     dense_shapes, grouped_shapes = (QUICK_DENSE, QUICK_GROUPED) if args.quick else (DENSE_SHAPES, GROUPED_SHAPES)
     print(f"fp8 benchmark on {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     results: list[dict[str, Any]] = []
-    if args.sweep:
+    sections = args.sections.split(",")
+    if args.sweep:  # the dense and grouped sections' kernel calls
+        dense_shapes, grouped_shapes = (shapes if name in sections else [] for name, shapes in
+                                        (("dense", dense_shapes), ("grouped", grouped_shapes)))  # fmt: skip
         sweep(results, dense_shapes, grouped_shapes, max(5, args.reps // 2), args.sweep_budget_s, args.sweep_routes)
     else:
-        sections = args.sections.split(",")
         if "check" in sections:
             check(results)
         for shape in dense_shapes if "dense" in sections else ():

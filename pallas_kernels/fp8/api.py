@@ -10,12 +10,12 @@ Implementations:
                          (no FP8 copy in memory; the quantisation is redone by every program that reads a tile).
   "pallas_mosaic_gpu"    Pallas Mosaic GPU kernels (Hopper: TMA, warp-specialised pipeline, FP8 wgmma) for the dense
                          GEMMs, the grouped ones by rows and the grouped weight gradient (operands laid out tile by
-                         tile, pallas_mosaic_gpu.py); the same quantisation kernels; 1.1-3.6x bf16 per GEMM on an
+                         tile, pallas_mosaic_gpu.py); the same quantisation kernels; 1.2-3.6x bf16 per GEMM on an
                          H200.
   "*_interpret"          a kernel route in Pallas interpret mode (any backend; slow, for tests).
 None picks per platform (`pallas_kernels.dispatch`): on GPU "pallas_mosaic_gpu" (Hopper) then "pallas_triton"
 (sm89+; measured slower: a Ring-mini training step at 0.61x bf16's speed before the quantisation kernels, against
-Mosaic's 1.22x with them), "reference" elsewhere (CPU, TPU).
+Mosaic's 1.25x with them), "reference" elsewhere (CPU, TPU).
 """
 
 from __future__ import annotations

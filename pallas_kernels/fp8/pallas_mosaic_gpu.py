@@ -11,7 +11,8 @@ over as a transposed view that moves no data); fp32 scales per line and 128-wide
 one scale per 128 x 128 block: when the output tile's columns lie in one block the kernel reads that single scale
 per contraction block (one multiply per row, then one FMA per accumulator element), otherwise a scale per column.
 
-A persistent grid walks the output tiles (128 rows x tile_n columns). Per tile a memory warpgroup streams
+A persistent grid walks the output tiles (128 rows x tile_n columns; dense GEMMs in panels of row tiles, column by
+column, for L2 reuse: panel_order). Per tile a memory warpgroup streams
 contraction steps of A, B and their scales into shared memory; two compute warpgroups each own 64 of the rows,
 issue each 128-wide block's wgmma into a fresh accumulator and fold it into their fp32 register total with the
 scales (the recipe's promotion every 128 contraction elements). With two blocks per step the second block's wgmma
@@ -64,11 +65,14 @@ _TILE_M = _ROWS_PER_WARPGROUP * _COMPUTE_WARPGROUPS
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """tile_n: output columns per tile (the tile is 128 x tile_n); max_concurrent_steps: pipeline depth;
-    blocks_per_step: 128-wide contraction blocks per pipeline step (2: fold one block while the next multiplies)."""
+    blocks_per_step: 128-wide contraction blocks per pipeline step (2: fold one block while the next multiplies);
+    row_panel: dense GEMMs walk the output tiles in panels of this many row tiles, column by column, so that the
+    CTAs running at one time read few distinct row and column operand panels (L2 reuse; 1: row by row)."""
 
     tile_n: int = 128
     max_concurrent_steps: int = 2
     blocks_per_step: int = 2
+    row_panel: int = 8
 
 
 # The Mosaic GPU API moves between JAX releases; these spell each construct the way the running version knows it.
@@ -115,6 +119,17 @@ def _store_rows(out_smem, out_gmem, lo, hi):
 
         start = start + (size & rows)
         rows //= 2
+
+
+def panel_order(index: jax.Array, m_tiles: int, n_tiles: int, row_panel: int) -> tuple:
+    """(row tile, column tile) of the index-th output tile of an [m_tiles, n_tiles] grid walked in panels of
+    row_panel row tiles (the last panel shorter), each panel column by column. CTAs that run at one time then read
+    about row_panel row panels of A and (CTAs / row_panel) column panels of B instead of a few rows and all of B's
+    columns, which keeps a long contraction's operands in L2 (dense wgrad at [4096, 12288] x 16384: 1.22x -> 1.39x
+    bf16 on an H200)."""
+    panel, within = lax.div(index, row_panel * n_tiles), lax.rem(index, row_panel * n_tiles)
+    panel_rows = jnp.minimum(row_panel, m_tiles - panel * row_panel)
+    return panel * row_panel + lax.rem(within, panel_rows), lax.div(within, panel_rows)
 
 
 def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
@@ -190,7 +205,8 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
         def _(loop):
             (index,) = loop.index
             group, tile = lax.div(index, m_tiles * n_tiles), lax.rem(index, m_tiles * n_tiles)
-            tile, column_tile = lax.div(tile, n_tiles), lax.rem(tile, n_tiles)
+            row_panel = cfg.row_panel if kind == "dense" else 1  # grouped: the tiles that multiply come first
+            tile, column_tile = panel_order(tile, m_tiles, n_tiles, row_panel)
             columns = pl.ds(column_tile * tile_n, tile_n)
             b_group, k_first, steps = group, 0, static_steps
             if kind == "rows":
@@ -219,13 +235,19 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
                 else:
                     plgpu.copy_smem_to_gmem(out_smem.at[wg], out_tile)
 
-            def fold(total, part, sa_smem, sb_smem, k, j):
+            def block_scales(sa_smem, sb_smem, k, j):
+                """Contraction block j's (row scales, column scales); a block-scaled weight's one scale for the
+                tile is folded into the row scales (column scales None)."""
                 sa = plgpu.load(sa_smem.at[j, my_rows], layout=_vector_layout(0))
-                if layout.block_scaled:  # one weight scale for the whole tile: scale the rows, then broadcast
-                    sb = sb_gmem[b_group, k * blocks + j, lax.div(column_tile * tile_n, TILE)]
-                    return total + part * lax.broadcast_in_dim(sa * sb, shape, [0])
-                sb = plgpu.load(sb_smem.at[j], layout=_vector_layout(1))
-                return total + part * (lax.broadcast_in_dim(sa, shape, [0]) * lax.broadcast_in_dim(sb, shape, [1]))
+                if layout.block_scaled:
+                    return sa * sb_gmem[b_group, k * blocks + j, lax.div(column_tile * tile_n, TILE)], None
+                return sa, plgpu.load(sb_smem.at[j], layout=_vector_layout(1))
+
+            def fold(total, part, row_scales, column_scales):
+                row_scales = lax.broadcast_in_dim(row_scales, shape, [0])
+                if column_scales is None:
+                    return total + part * row_scales
+                return total + part * (row_scales * lax.broadcast_in_dim(column_scales, shape, [1]))
 
             def step(indices, a_smem, b_smem, sa_smem, *rest):
                 *sb_smem, total = rest
@@ -237,9 +259,13 @@ def _kernel(*refs, cfg: MosaicConfig, layout: _Layout):
                     for j, acc in enumerate(accs):
                         block_k = pl.ds(j * TILE, TILE)
                         plgpu.wgmma(acc, a_smem.at[my_rows, block_k], _transposed(b_smem.at[:, block_k]))
-                    for j, acc in enumerate(accs):  # block j's product once at most blocks - 1 - j are in flight
-                        part = plgpu.wgmma_accumulator_load(acc, wait_n=blocks - 1 - j)
-                        result = fold(result, part, sa_smem, sb_smem, k, j)
+                    for j, acc in enumerate(accs):
+                        # A block-scaled weight's scales (two values per thread and one from global memory) are
+                        # read while block j's wgmma runs. Per-column scales (32 registers per thread) are read
+                        # after it: earlier, they crowd the registers the fold needs (dense wgrad 10-15% slower).
+                        early = block_scales(sa_smem, sb_smem, k, j) if layout.block_scaled else None
+                        part = plgpu.wgmma_accumulator_load(acc, wait_n=blocks - 1 - j)  # <= blocks-1-j in flight
+                        result = fold(result, part, *(early or block_scales(sa_smem, sb_smem, k, j)))
                     return result
 
                 return pl.run_scoped(products, *[plgpu.ACC(shape, jnp.float32) for _ in range(blocks)])

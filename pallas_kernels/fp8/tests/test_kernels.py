@@ -107,20 +107,36 @@ MOSAIC_CASES = [(64, 2, 1), (128, 2, 2)]  # (tile_n, pipeline depth, contraction
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tile_n, depth, blocks", MOSAIC_CASES)
-@pytest.mark.parametrize("m", [200, 100])
-def test_mosaic_dense_kernel_matches_the_emulated_recipe(tile_n, depth, blocks, m, seed):
+@pytest.mark.parametrize("m, row_panel", [(200, 8), (200, 1), (100, 8)])
+def test_mosaic_dense_kernel_matches_the_emulated_recipe(tile_n, depth, blocks, m, row_panel, seed):
     """The Mosaic GPU dense kernel (Mosaic GPU interpret mode) for y, dx and dw, partial tiles everywhere; 64-wide
     tiles apply the weight's block scale as one value per tile, 128-wide ones too, dw per column. On the two
     interpreted SMs each runs 1 to 3 tiles: chained pipelines (START, STEADY, STOP) and lone ones (m = 100: y's two
-    tiles)."""
+    tiles); tiles walked in a panel of two row tiles and row by row (row_panel 1)."""
     from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicBackend, MosaicConfig
 
     x, w, dy = _dense_inputs(seed, jnp.bfloat16, m=m, k=300, n=136)
-    config = MosaicConfig(tile_n=tile_n, max_concurrent_steps=depth, blocks_per_step=blocks)
+    config = MosaicConfig(tile_n=tile_n, max_concurrent_steps=depth, blocks_per_step=blocks, row_panel=row_panel)
     got = _dense(MosaicBackend(interpret=True, mosaic_config=config), Fp8Recipe(), x, w, dy)
     want = _dense(Emulated(), Fp8Recipe(), x, w, dy)
     _assert_close(got, want, 1e-2, ("y", "dx", "dw"), seed)
     assert ref64.relative_error(got[2], want[2]) <= 1e-5  # dw is fp32
+
+
+@pytest.mark.parametrize("m_tiles, n_tiles, row_panel", [(16, 48, 8), (13, 5, 4), (3, 7, 8), (5, 2, 1)])
+def test_mosaic_panel_order_visits_every_tile_once_panel_by_panel(m_tiles, n_tiles, row_panel):
+    """The dense Mosaic kernel's tile walk: a permutation of the grid; panels of row_panel row tiles (the last one
+    shorter) one after another, each column by column."""
+    from pallas_kernels.fp8.pallas_mosaic_gpu import panel_order
+
+    rows, columns = map(np.asarray, panel_order(jnp.arange(m_tiles * n_tiles), m_tiles, n_tiles, row_panel))
+    visited = sorted(zip(rows.tolist(), columns.tolist(), strict=True))
+    assert visited == [(r, c) for r in range(m_tiles) for c in range(n_tiles)]
+    for panel_start in range(0, m_tiles, row_panel):
+        panel_rows = min(row_panel, m_tiles - panel_start)
+        visits = slice(panel_start * n_tiles, (panel_start + panel_rows) * n_tiles)
+        assert set(rows[visits].tolist()) == set(range(panel_start, panel_start + panel_rows))
+        np.testing.assert_array_equal(columns[visits], np.repeat(np.arange(n_tiles), panel_rows))
 
 
 GROUPED_MOSAIC_CASES = [(*case, "float8_e4m3fn") for case in MOSAIC_CASES] + [(128, 2, 2, "float8_e5m2")]
