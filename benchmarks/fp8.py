@@ -86,8 +86,8 @@ SWEEP = [  # block_m, block_n, num_warps, num_stages, k_unroll; 256-wide tiles n
     (128, 128, 8, 3, 1), (128, 128, 8, 3, 2), (128, 128, 8, 4, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1),
     (128, 64, 4, 4, 2), (64, 256, 4, 3, 1), (128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 2, 2),
 ]  # fmt: skip
-# tile_n, max_concurrent_steps, blocks_per_step; 192-wide tiles hold one 128-wide block per step in registers
-# (tile_n, pipeline depth, blocks per step, row panel); the first is the default, the second walks tiles row by row
+# (tile_n, pipeline depth, blocks per step, row panel): the first is the default, the second walks the tiles row by
+# row; 192-wide tiles hold one 128-wide block per step in registers
 MOSAIC_SWEEP = [(128, 2, 2, 8), (128, 2, 2, 1), (128, 4, 1, 8), (192, 4, 1, 8), (64, 4, 2, 8)]
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
