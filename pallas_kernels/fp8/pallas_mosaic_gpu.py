@@ -74,6 +74,13 @@ class MosaicConfig:
     blocks_per_step: int = 2
     row_panel: int = 8
 
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MosaicConfig.{name} must be a positive integer, got {value!r}")
+        if self.tile_n % 8 or self.tile_n > 256:  # wgmma's N
+            raise ValueError(f"MosaicConfig.tile_n must be a multiple of 8 up to 256, got {self.tile_n}")
+
 
 # The Mosaic GPU API moves between JAX releases; these spell each construct the way the running version knows it.
 def _transposed(ref):

@@ -139,6 +139,14 @@ def test_mosaic_panel_order_visits_every_tile_once_panel_by_panel(m_tiles, n_til
         np.testing.assert_array_equal(columns[visits], np.repeat(np.arange(n_tiles), panel_rows))
 
 
+@pytest.mark.parametrize("field, value", [("row_panel", 0), ("tile_n", 100), ("tile_n", 512), ("blocks_per_step", 1.5)])
+def test_mosaic_config_rejects_bad_values(field, value):
+    from pallas_kernels.fp8.pallas_mosaic_gpu import MosaicConfig
+
+    with pytest.raises(ValueError, match=f"MosaicConfig.{field}"):
+        MosaicConfig(**{field: value})
+
+
 GROUPED_MOSAIC_CASES = [(*case, "float8_e4m3fn") for case in MOSAIC_CASES] + [(128, 2, 2, "float8_e5m2")]
 
 
