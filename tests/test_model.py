@@ -143,8 +143,12 @@ def test_mtp_head_matches_numpy_float64_model(rng):
     out = jit_forward(model)(tokens, segment_ids=jnp.asarray(segment_ids))
     expected = numpy_ref.mtp_logits(np.asarray(tokens), numpy_weights(model), config.to_dict(), segment_ids)
     assert len(out.mtp_logits) == len(expected) == 2
+    # fp32 against float64 through the main stack and an MTP block: typically 1e-6, but a random weight draw can be
+    # ill-conditioned (RING_JAX_TEST_SEED=1886197039: 1.4e-5, and the float64 reference itself moves by 4e-5 at the
+    # same positions when its weights get fp32-epsilon noise). The bound leaves room for that, not for bugs: a wrong
+    # mask, position or block input gives errors above 1e-2.
     for depth, (actual, reference) in enumerate(zip(out.mtp_logits, expected, strict=True), start=1):
-        assert relative_error(actual[:, :-depth], reference[:, :-depth]) < 1e-5, depth
+        assert relative_error(actual[:, :-depth], reference[:, :-depth]) < 1e-4, depth
     # Without logits (the training path): the lm_head inputs, from which the same logits follow.
     bare = model.forward(tokens, segment_ids=jnp.asarray(segment_ids), compute_logits=False)
     assert bare.logits is None and bare.mtp_logits == () and len(bare.mtp_hidden_states) == 2
