@@ -27,13 +27,7 @@ import jax
 
 def median_ms(fn: Callable, *args: Any, reps: int = 10) -> float:
     """Median milliseconds of `reps` synchronised calls, after one untimed (compiling) call."""
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return back_to_back_ms(fn, *args, reps=1, rounds=reps)
 
 
 def back_to_back_ms(fn: Callable, *args: Any, reps: int = 20, rounds: int = 5) -> float:
