@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.profiling import back_to_back_ms
+from benchmarks.profiling import back_to_back_ms, median_ms
 from pallas_kernels.fp8 import Fp8Recipe, pallas_triton_quantize, reference
 from pallas_kernels.fp8.pallas_mosaic_gpu import (
     MosaicBackend,
@@ -256,11 +256,23 @@ def weight_quant_case(w, reps: int) -> dict:
     return {"ms": back_to_back_ms(jax.jit(lambda w: quantize_blocks(w, E4M3, False)), w, reps=reps)}
 
 
+def fwd_bwd_step(fn: Callable) -> Callable:
+    """jit(step)(a, b, cotangent, *extra) -> (fn(a, b, *extra), its gradients in a and b for the cotangent). The
+    output is returned too: with the gradients alone XLA drops the forward GEMM as dead code."""
+
+    def step(a, b, cotangent, *extra):
+        out, pullback = jax.vjp(lambda a, b: fn(a, b, *extra), a, b)
+        return out, pullback(cotangent)
+
+    return jax.jit(step)
+
+
 def fwd_bwd_ms(fn: Callable, args: tuple, reps: int) -> float:
-    """Median ms of forward + backward: args = (a, b, *extra, cotangent), fn(a, b, *extra) differentiated in a, b."""
+    """Median ms of forward + backward: args = (a, b, *extra, cotangent), fn(a, b, *extra) differentiated in a, b.
+    One synchronised call per sample: the op takes milliseconds, and queued calls would hold every call's outputs
+    and gradients at once (gigabytes for the grouped shapes)."""
     a, b, *extra, cotangent = args
-    step = jax.jit(lambda a, b, ct, *extra: jax.vjp(lambda a, b: fn(a, b, *extra), a, b)[1](ct))
-    return back_to_back_ms(step, a, b, cotangent, *extra, reps=reps)
+    return median_ms(fwd_bwd_step(fn), a, b, cotangent, *extra, reps=reps)
 
 
 def op_case(bf16_fn: Callable, fp8_fn: Callable, args: tuple, reps: int) -> dict:
