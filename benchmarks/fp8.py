@@ -21,8 +21,11 @@
      fused     the kernel quantising raw activations / gradients in registers
      Mosaic    the Pallas Mosaic GPU kernels (pallas_mosaic_gpu.py), pre-quantised operands (grouped: also
                timed with their quantisation, "mosaic_with_quant_ms" in the JSON)
+     cuBLAS    dense only: the vendor's blockwise FP8 GEMM (cuBLASLt, CUDA >= 12.9, through torch._scaled_mm) on
+               the same quantised operands, against torch's bf16 matmul, and its product against our kernels'
    speed-up = bf16 ms / FP8 ms; error = relative Frobenius error vs the fp32 product (grouped: over 4 groups).
-   Then the whole op, forward + backward (jax.vjp), FP8 routes vs bf16: what a layer sees.
+   Then the whole op, forward + backward (jax.vjp), FP8 routes vs bf16: what a layer sees (a synchronised call,
+   and the device time of its kernels).
 3. quant: every quantiser alone, XLA's (reference.py) beside the Triton kernel's, against the HBM floor.
 Dense shapes [M, K] x [K, N]: the issue's three. Grouped: Ring-mini's MoE (16384 tokens x top-8 = 131072 rows,
 256 experts, hidden 2048, expert width 512, gate|up fused to 1024 columns), uniform routing. XLA's per-tensor FP8
@@ -49,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.profiling import back_to_back_ms, median_ms
+from benchmarks.profiling import back_to_back_ms, kernel_times, median_ms
 from pallas_kernels.fp8 import Fp8Recipe, pallas_triton_quantize, reference
 from pallas_kernels.fp8.pallas_mosaic_gpu import (
     MosaicBackend,
@@ -70,6 +73,7 @@ from pallas_kernels.fp8.recipe import TILE
 from pallas_kernels.fp8.reference import (
     Emulated,
     OpConfig,
+    QTensor,
     fp8_grouped_matmul,
     fp8_matmul,
     group_tiles,
@@ -88,7 +92,8 @@ SWEEP = [  # block_m, block_n, num_warps, num_stages, k_unroll; 256-wide tiles n
 ]  # fmt: skip
 # (tile_n, pipeline depth, blocks per step, row panel): the first is the default, the second walks the tiles row by
 # row; 192-wide tiles hold one 128-wide block per step in registers
-MOSAIC_SWEEP = [(128, 2, 2, 8), (128, 2, 2, 1), (128, 4, 1, 8), (192, 4, 1, 8), (64, 4, 2, 8)]
+MOSAIC_SWEEP = [(128, 2, 2, 8), (128, 2, 2, 1), (128, 2, 2, 4), (128, 2, 2, 16), (128, 4, 1, 8), (192, 4, 1, 8),
+                (64, 4, 2, 8)]  # fmt: skip
 INTERPRET = False  # --interpret: the kernels in interpret mode (a CPU dry run of this script; timings meaningless)
 
 
@@ -118,6 +123,14 @@ def quantize_columns(x):
     return pallas_triton_quantize.quantize_columns(x, E4M3, False, interpret=INTERPRET)
 
 
+def quantize_rows_and_columns(x):
+    return pallas_triton_quantize.quantize_rows_and_columns(x, E4M3, False, interpret=INTERPRET)
+
+
+def xla_rows_and_columns(x):
+    return reference.quantize_rows(x, E4M3, False), reference.quantize_columns(x, E4M3, False)
+
+
 def quantize_tiles_side_by_side(x, tiles):
     return pallas_triton_quantize.quantize_tiles_side_by_side(x, tiles, E4M3, False, interpret=INTERPRET)
 
@@ -129,12 +142,17 @@ def rel_err(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
+def failure(e: Exception) -> str:
+    """An exception as one short line for the results."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
 def attempt(results: list[dict], record: dict, fn: Callable[[], dict]) -> None:
     """Runs one case; a failure is recorded (first line of the error) and printed, never fatal."""
     try:
         record.update(fn())
     except Exception as e:  # noqa: BLE001 - report and go on
-        record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        record["error"] = failure(e)
         traceback.print_exc(limit=2)
     results.append(record)
     print(json.dumps(record), flush=True)
@@ -214,11 +232,42 @@ def dense_operands(name: str, fused: bool) -> Callable:
     return lambda x, wq, dy: (quantize_columns(x), quantize_columns(dy))
 
 
-DENSE_BF16 = {
-    "fwd": lambda x, w, dy: jnp.dot(x, w),
-    "dgrad": lambda x, w, dy: jnp.dot(dy, w.T),
-    "wgrad": lambda x, w, dy: jnp.dot(x.T, dy),
+DENSE_BF16 = {  # jax arrays or torch tensors
+    "fwd": lambda x, w, dy: x @ w,
+    "dgrad": lambda x, w, dy: dy @ w.T,
+    "wgrad": lambda x, w, dy: x.T @ dy,
 }
+
+
+def torch_operands(a: QTensor, b: QTensor) -> tuple:
+    """(mat_a [M, c], mat_b [c, N], scale_a, scale_b) for torch._scaled_mm from the QTensors A [M, c] and B [N, c],
+    in the layouts cuBLASLt's blockwise FP8 GEMM takes: A's 1 x 128 scales [M, c/128] with M the fast dimension; B's
+    [c/128, N] (1 x 128, line_block 1) or, for 128 x 128 blocks, [c/128, N/128] as the transpose of a contiguous
+    [N/128, c/128]. The values are shared through DLPack (fp8 as bytes, viewed back as float8_e4m3fn)."""
+    import torch
+
+    def tensor(t: jax.Array):
+        if t.dtype == E4M3:
+            return torch.from_dlpack(jax.lax.bitcast_convert_type(t, jnp.uint8)).view(torch.float8_e4m3fn)
+        return torch.from_dlpack(t)
+
+    scale_b = tensor(b.scales) if b.line_block == 1 else tensor(b.scales.T).t()
+    return tensor(a.values), tensor(b.values).t(), tensor(a.scales).t(), scale_b
+
+
+def cublas_case(name: str, a: QTensor, b: QTensor, x, w16, dy, reps: int) -> tuple[dict, np.ndarray]:
+    """The vendor's kernel for the same recipe: cuBLASLt's blockwise FP8 GEMM (CUDA >= 12.9, through
+    torch._scaled_mm) on our quantised operands, beside torch's bf16 matmul (cuBLAS), timed the same way.
+    Returns the timings and cuBLAS's product (fp32 copy of its bf16 result)."""
+    import torch
+
+    operands = torch_operands(a, b)
+    fp8 = lambda: torch._scaled_mm(*operands, out_dtype=torch.bfloat16)
+    bf16 = functools.partial(DENSE_BF16[name], *(torch.from_dlpack(t) for t in (x, w16, dy)))
+    wait = lambda _: torch.cuda.synchronize()
+    bf16_ms, fp8_ms = (back_to_back_ms(fn, reps=reps, wait=wait) for fn in (bf16, fp8))
+    timings = {"torch_bf16_ms": bf16_ms, "cublas_ms": fp8_ms, "speedup_cublas": bf16_ms / fp8_ms}
+    return timings, np.asarray(jnp.from_dlpack(fp8().float()))
 
 
 def dense_gemm_case(name: str, x, w, dy, wq, reps: int) -> dict:
@@ -236,13 +285,22 @@ def dense_gemm_case(name: str, x, w, dy, wq, reps: int) -> dict:
     flops = 2 * x.shape[0] * x.shape[1] * w.shape[1]
     row = {**speedups(bf16_ms, kernel_ms, quant_ms, fused_ms, flops), "fp8_error": rel_err(kernel(a, b), exact),
            "bf16_error": rel_err(bf16(x, w16, dy), exact)}  # fmt: skip
+    products = {"triton": kernel(a, b)}  # the same product from each FP8 kernel, compared below
     try:  # the Mosaic GPU kernel on the same pre-quantised operands
         mosaic = jax.jit(lambda a, b: dense_gemm_mosaic(a, b, jnp.bfloat16, interpret=INTERPRET))
         row["mosaic_ms"] = back_to_back_ms(mosaic, a, b, reps=reps)
         row["speedup_mosaic"] = bf16_ms / row["mosaic_ms"]
-        row["mosaic_vs_triton_error"] = rel_err(mosaic(a, b), kernel(a, b))
+        products["mosaic"] = mosaic(a, b)
+        row["mosaic_vs_triton_error"] = rel_err(products["mosaic"], products["triton"])
     except Exception as e:  # noqa: BLE001 - report and go on
-        row["mosaic_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        row["mosaic_failed"] = failure(e)
+    if not INTERPRET:
+        try:
+            timings, cublas = cublas_case(name, a, b, x, w16, dy, reps)
+            row.update(timings)
+            row.update({f"cublas_vs_{route}_error": rel_err(cublas, got) for route, got in products.items()})
+        except Exception as e:  # noqa: BLE001 - no torch, CUDA < 12.9, ...: report and go on
+            row["cublas_failed"] = failure(e)
     return row
 
 
@@ -267,24 +325,31 @@ def fwd_bwd_step(fn: Callable) -> Callable:
     return jax.jit(step)
 
 
-def fwd_bwd_ms(fn: Callable, args: tuple, reps: int) -> float:
-    """Median ms of forward + backward: args = (a, b, *extra, cotangent), fn(a, b, *extra) differentiated in a, b.
-    One synchronised call per sample: the op takes milliseconds, and queued calls would hold every call's outputs
-    and gradients at once (gigabytes for the grouped shapes)."""
+def fwd_bwd_ms(fn: Callable, args: tuple, reps: int) -> tuple[float, float]:
+    """(median ms of a synchronised call, device ms of its kernels) of forward + backward: args = (a, b, *extra,
+    cotangent), fn(a, b, *extra) differentiated in a, b. One synchronised call per sample: the op takes
+    milliseconds, and queued calls would hold every call's outputs and gradients at once (gigabytes for the grouped
+    shapes); such a call also pays the host's launch latency (0.2-0.4 ms on the H200 host), which a training step's
+    queued launches hide, so the kernels' device time (the profiler's, benchmarks.profiling) is reported beside it
+    (0 on CPU)."""
     a, b, *extra, cotangent = args
-    return median_ms(fwd_bwd_step(fn), a, b, cotangent, *extra, reps=reps)
+    step, step_args = fwd_bwd_step(fn), (a, b, cotangent, *extra)
+    device_ms = sum(ms for _, ms, _ in kernel_times(step, *step_args, reps=5))
+    return median_ms(step, *step_args, reps=reps), device_ms
 
 
 def op_case(bf16_fn: Callable, fp8_fn: Callable, args: tuple, reps: int) -> dict:
     """Forward + backward of the whole op: bf16 vs each FP8 route (fp8_fn(backend) -> op); a failing route is
     recorded and the others still run."""
-    out = {"bf16_ms": fwd_bwd_ms(bf16_fn, args, reps)}
+    out = dict(zip(("bf16_ms", "bf16_device_ms"), fwd_bwd_ms(bf16_fn, args, reps), strict=True))
     for route, backend in routes().items():
         try:
-            out[f"{route}_ms"] = fwd_bwd_ms(fp8_fn(backend), args, reps)
+            out[f"{route}_ms"], out[f"{route}_device_ms"] = fwd_bwd_ms(fp8_fn(backend), args, reps)
             out[f"{route}_speedup"] = out["bf16_ms"] / out[f"{route}_ms"]
+            if out[f"{route}_device_ms"]:
+                out[f"{route}_device_speedup"] = out["bf16_device_ms"] / out[f"{route}_device_ms"]
         except Exception as e:  # noqa: BLE001 - report and go on
-            out[f"{route}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            out[f"{route}_error"] = failure(e)
     return out
 
 
@@ -374,7 +439,7 @@ def grouped_gemm_case(name: str, lhs, rhs, dy, sizes, tiles, wq, reps: int) -> d
         row["speedup_mosaic"] = bf16_ms / row["mosaic_ms"]
         row["mosaic_error"] = grouped_error(name, mosaic(a, b, sizes, tiles), lhs, rhs, dy, sizes)
     except Exception as e:  # noqa: BLE001 - report and go on
-        row["mosaic_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        row["mosaic_failed"] = failure(e)
     return row
 
 
@@ -417,8 +482,9 @@ def quant_case(fn: Callable, args: tuple, reps: int) -> dict:
 
 def time_quantisers(results: list[dict], dense_shapes, grouped_shapes, reps: int) -> None:
     """Every quantiser the routes run per step, XLA's (reference.py) beside the Triton kernels'
-    (pallas_triton_quantize.py) where both exist: rows (y, dx, grouped y, dlhs), columns (dense dw), tiles side by
-    side (Mosaic drhs), grouped columns (Triton drhs, XLA), weight blocks (XLA)."""
+    (pallas_triton_quantize.py) where both exist: rows (grouped y, dlhs), columns, rows and columns from one pass
+    (dense: x in the forward, dy in the backward), tiles side by side (Mosaic drhs), grouped columns (Triton drhs,
+    XLA), weight blocks (XLA)."""
     xla = lambda f: lambda *t: f(*t, E4M3, False)
     for m, k, n in dense_shapes:
         x, w = normal(jax.random.key(0), (m, k)), normal(jax.random.key(1), (k, n), jnp.float32, 0.02)
@@ -426,6 +492,8 @@ def time_quantisers(results: list[dict], dense_shapes, grouped_shapes, reps: int
                                    ("rows", "triton", quantize_rows, (x,)),
                                    ("columns", "xla", xla(reference.quantize_columns), (x,)),
                                    ("columns", "triton", quantize_columns, (x,)),
+                                   ("rows and columns", "xla", xla_rows_and_columns, (x,)),
+                                   ("rows and columns", "triton", quantize_rows_and_columns, (x,)),
                                    ("weight blocks", "xla", xla(quantize_blocks), (w,))):  # fmt: skip
             record = {"section": "quant", "gemm": name, "by": by, "shape": list(args[0].shape)}
             attempt(results, record, functools.partial(quant_case, fn, args, reps))
@@ -543,6 +611,17 @@ def print_tables(results: list[dict]) -> None:
                   f"{r.get('bf16_error', nan):.2e} |")  # fmt: skip
             if "mosaic_failed" in r:
                 print(f"|  | Mosaic GPU kernel failed: {r['mosaic_failed']} |")
+    vendor = [r for r in results if "speedup_cublas" in r or "cublas_failed" in r]
+    if vendor:
+        print("\n| GEMM | shape | torch bf16 ms | cuBLAS blockwise FP8 ms (x torch bf16) | Mosaic ms (x jnp bf16) | "
+              "cuBLAS vs Mosaic |\n|---|---|---|---|---|---|")  # fmt: skip
+    for r in vendor:
+        if "cublas_failed" in r:
+            print(f"| {r['gemm']} | {r['shape']} | cuBLAS blockwise failed: {r['cublas_failed']} |")
+            continue
+        print(f"| {r['gemm']} | {r['shape']} | {r['torch_bf16_ms']:.3f} | {r['cublas_ms']:.3f} "
+              f"({r['speedup_cublas']:.2f}) | {r.get('mosaic_ms', nan):.3f} ({r.get('speedup_mosaic', nan):.2f}) | "
+              f"{r.get('cublas_vs_mosaic_error', nan):.1e} |")  # fmt: skip
     print("\n| section | what | shape | result |\n|---|---|---|---|")
     for r in results:
         if "speedup_kernel" not in r:

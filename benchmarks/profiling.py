@@ -30,16 +30,19 @@ def median_ms(fn: Callable, *args: Any, reps: int = 10) -> float:
     return back_to_back_ms(fn, *args, reps=1, rounds=reps)
 
 
-def back_to_back_ms(fn: Callable, *args: Any, reps: int = 20, rounds: int = 5) -> float:
+def back_to_back_ms(
+    fn: Callable, *args: Any, reps: int = 20, rounds: int = 5, wait: Callable[[Any], Any] = jax.block_until_ready
+) -> float:
     """Median over `rounds` of the mean ms per call of `reps` calls queued back to back with one synchronisation.
     For sub-millisecond kernels: a synchronised call adds the host's launch and wake-up latency (tens of
-    microseconds, and jittery) to each sample; queued calls run one after another on the device."""
-    jax.block_until_ready(fn(*args))
+    microseconds, and jittery) to each sample; queued calls run one after another on the device. `wait(outputs)`
+    blocks until they are computed (another framework's calls: e.g. `lambda _: torch.cuda.synchronize()`)."""
+    wait(fn(*args))
     samples = []
     for _ in range(rounds):
         start = time.perf_counter()
         outs = [fn(*args) for _ in range(reps)]
-        jax.block_until_ready(outs)
+        wait(outs)
         samples.append((time.perf_counter() - start) * 1e3 / reps)
     return statistics.median(samples)
 

@@ -15,7 +15,7 @@ Implementations:
   "*_interpret"          a kernel route in Pallas interpret mode (any backend; slow, for tests).
 None picks per platform (`pallas_kernels.dispatch`): on GPU "pallas_mosaic_gpu" (Hopper) then "pallas_triton"
 (sm89+; measured slower: a Ring-mini training step at 0.61x bf16's speed before the quantisation kernels, against
-Mosaic's 1.27x with them), "reference" elsewhere (CPU, TPU).
+Mosaic's 1.26-1.27x with them), "reference" elsewhere (CPU, TPU).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +76,13 @@ def kernel_config(kernel: str, contraction: int, columns: int, *operands: Any) -
     return TUNED_CONFIGS.get((kernel, contraction, columns), DEFAULT_CONFIG)
 
 
-class RawOperand(NamedTuple):
-    """An operand the kernel quantises itself: data [lines, c] (contraction_axis 1) or [c, lines] (0)."""
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["contraction_axis", "dtype", "power_of_two"]
+)
+@dataclasses.dataclass(frozen=True)
+class RawOperand:
+    """An operand the kernel quantises itself: data [lines, c] (contraction_axis 1) or [c, lines] (0). A pytree
+    whose only leaf is `data`, so that it can be kept from the forward for the backward (a custom-VJP residual)."""
 
     data: jax.Array
     contraction_axis: int
@@ -412,6 +417,12 @@ class TritonBackend:
     def columns(self, x, dtype, power_of_two):
         quantize = functools.partial(pallas_triton_quantize.quantize_columns, interpret=self.interpret)
         return self._raw_or(quantize, x, 0, dtype, power_of_two)
+
+    def rows_and_columns(self, x, dtype, power_of_two):
+        if self.fuse_quantization:
+            return self.rows(x, dtype, power_of_two), self.columns(x, dtype, power_of_two)
+        quantize = pallas_triton_quantize.quantize_rows_and_columns
+        return quantize(x, dtype, power_of_two, interpret=self.interpret)
 
     def grouped_columns(self, x, tiles, dtype, power_of_two):
         return self._raw_or(quantize_grouped_columns, x, 0, dtype, power_of_two, tiles)

@@ -9,6 +9,8 @@ same step went from 302 to 217 ms (BENCHMARKS.md).
 
 Quantisers (the same numbers as reference.py, which the tests compare them with bit for bit):
   rows          x [M, c] -> QTensor [M, c]: one scale per row and 128 columns (A of y = x w and dx = dy w^T).
+  rows and columns  x [M, c] -> (rows, the aligned column tiles below) from one read of x: each program quantises
+                one 128 x 128 tile both ways (x in the forward, which keeps the columns for dw; dy in the backward).
   column tiles  x [rows, c], and per tile t a row block b[t] with a row range [lo[t], hi[t]) -> QTensor
                 [c, T * 128] of x^T: tile t owns contraction columns [128 t, 128 (t + 1)), x's rows
                 128 b[t] + i for i < 128 with those outside [lo[t], hi[t]) zeroed; scales [T, c], one per
@@ -29,8 +31,9 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.fp8.recipe import TILE, quantize_tile, reciprocal
 from pallas_kernels.fp8.reference import GroupTiles, QTensor, num_tiles, pad_axis, tile_row_ranges
 
-# Lines per program: 64 rows x 128 columns (rows) or 64 columns x 128 rows (column tiles), a 16 KiB bf16 load.
-# Untuned: 11-33% of the HBM floor on an H200 at Ring-mini sizes (0.14-0.56 ms per call, BENCHMARKS.md).
+# Lines per program: 64 rows x 128 columns (rows) or 64 columns x 128 rows (column tiles), a 16 KiB bf16 load, 4
+# warps (BENCHMARKS.md: a sweep of 32-256 lines and 2-8 warps found this the fastest or within 4% in 11 of 12
+# cases). Both ways at once take whole 128 x 128 tiles, also with 4 warps (8 and 16 were 5-69% slower on an H200).
 BLOCK_LINES = 64
 _NUM_WARPS = 4
 
@@ -82,6 +85,48 @@ def quantize_rows(x: jax.Array, dtype: jnp.dtype, power_of_two: bool, *, interpr
         name="fp8_quantize_rows",
     )(padded)
     return QTensor(values[:m, :c], scales[:, :m])
+
+
+def _rows_and_columns_kernel(x_ref, rows_ref, row_scales_ref, columns_ref, column_scales_ref, *, dtype,
+                             power_of_two, interpret):  # fmt: skip
+    tile, inverse = x_ref[...], kernel_reciprocal(interpret)
+    values, scales = quantize_tile(tile, 1, dtype, power_of_two, inverse)
+    rows_ref[...] = values
+    row_scales_ref[...] = scales[None, :]
+    # Transposed in the input's dtype, as the column tiles below.
+    values, scales = quantize_tile(tile.T, 1, dtype, power_of_two, inverse)
+    columns_ref[...] = values
+    column_scales_ref[...] = scales[None, :]
+
+
+def quantize_rows_and_columns(
+    x: jax.Array, dtype: jnp.dtype, power_of_two: bool, *, interpret: bool = False
+) -> tuple[QTensor, QTensor]:
+    """x [M, c] -> (quantize_rows(x), quantize_columns(x)) from one read of x: QTensor [M, c] (scales
+    [ceil(c/128), M]) and QTensor [c, M] of x^T (scales [ceil(M/128), c])."""
+    m, c = x.shape
+    padded = pad_axis(pad_axis(x, 0, TILE), 1, TILE)
+    grid = (padded.shape[0] // TILE, padded.shape[1] // TILE)
+    tile = lambda transposed: pl.BlockSpec((TILE, TILE), lambda i, j: (j, i) if transposed else (i, j))
+    scales = lambda transposed: pl.BlockSpec((1, TILE), lambda i, j: (i, j) if transposed else (j, i))
+    rows, row_scales, columns, column_scales = pl.pallas_call(
+        functools.partial(
+            _rows_and_columns_kernel, dtype=jnp.dtype(dtype), power_of_two=power_of_two, interpret=interpret
+        ),
+        grid=grid,
+        in_specs=[tile(False)],
+        out_specs=[tile(False), scales(False), tile(True), scales(True)],
+        out_shape=[
+            jax.ShapeDtypeStruct(padded.shape, dtype),
+            jax.ShapeDtypeStruct((grid[1], padded.shape[0]), jnp.float32),
+            jax.ShapeDtypeStruct(padded.shape[::-1], dtype),
+            jax.ShapeDtypeStruct((grid[0], padded.shape[1]), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="fp8_quantize_rows_and_columns",
+    )(padded)
+    return QTensor(rows[:m, :c], row_scales[:, :m]), QTensor(columns[:c, :m], column_scales[:, :c])
 
 
 def _column_tiles_kernel(block_ref, lo_ref, hi_ref, x_ref, values_ref, scales_ref, *, dtype, power_of_two,

@@ -13,6 +13,8 @@ takes part in. Partial edge tiles (a dimension that is not a multiple of 128) ar
   dx = dy @ w^T   dy [M, N]: 1 x 128 tiles along N, gradient format; w: the same blocks as the forward.
   dw = x^T @ dy   x and dy: 128 x 1 tiles along M (one scale per column and 128 rows), forward / gradient
                   format. Rows are cut into the aligned blocks [128 i, 128 (i + 1)).
+When differentiated, the forward quantises x both ways (rows for y, columns for dw) and keeps the FP8 columns for the
+backward instead of x; the backward quantises dy both ways (a kernel backend reads x or dy once for both).
 
 Grouped (MoE) matmul, lhs [rows, K] sorted by group, rhs [G, K, N]: lhs and the output gradient are quantised per
 row as above (a row tile never spans groups); each group's weight [K, N] in 128 x 128 blocks; for drhs
@@ -234,6 +236,10 @@ class Emulated:
     def columns(self, x: jax.Array, dtype: jnp.dtype, power_of_two: bool) -> QTensor:
         return quantize_columns(x, dtype, power_of_two)
 
+    def rows_and_columns(self, x: jax.Array, dtype: jnp.dtype, power_of_two: bool) -> tuple[QTensor, QTensor]:
+        """(rows(x), columns(x)): the operands of a dense GEMM's two uses of x (a kernel backend reads x once)."""
+        return self.rows(x, dtype, power_of_two), self.columns(x, dtype, power_of_two)
+
     def grouped_columns(self, x: jax.Array, tiles: GroupTiles, dtype: jnp.dtype, power_of_two: bool) -> Any:
         return quantize_grouped_columns(x, tiles, dtype, power_of_two)
 
@@ -273,29 +279,37 @@ class OpConfig(NamedTuple):
     weight_dtype: jnp.dtype
 
 
+def _weight_blocks(w, recipe: Fp8Recipe) -> BlockQuantized:
+    return quantize_blocks(w, recipe.forward_dtype, recipe.power_of_two_scales)
+
+
 def _forward_operands(x, w, cfg: OpConfig):
     recipe = cfg.recipe
-    weight = quantize_blocks(w, recipe.forward_dtype, recipe.power_of_two_scales)
-    return cfg.backend.rows(x, recipe.forward_dtype, recipe.power_of_two_scales), weight
+    return cfg.backend.rows(x, recipe.forward_dtype, recipe.power_of_two_scales), _weight_blocks(w, recipe)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def fp8_matmul(x: jax.Array, w: jax.Array, cfg: OpConfig) -> jax.Array:
     """x [M, K] @ w [K, N] -> [M, N] in x's dtype, by the recipe with `cfg.backend`'s GEMMs."""
-    return _matmul_fwd(x, w, cfg)[0]
+    a, weight = _forward_operands(x, w, cfg)
+    return cfg.backend.gemm(a, weight.input_side(), x.dtype)
 
 
 def _matmul_fwd(x, w, cfg):
-    a, weight = _forward_operands(x, w, cfg)
-    return cfg.backend.gemm(a, weight.input_side(), x.dtype), (x, weight)
+    """The forward when differentiated: x is quantised for this GEMM (rows) and for dw (columns) in one pass, and
+    the FP8 columns are kept for the backward instead of x."""
+    recipe = cfg.recipe
+    a, x_columns = cfg.backend.rows_and_columns(x, recipe.forward_dtype, recipe.power_of_two_scales)
+    weight = _weight_blocks(w, recipe)
+    return cfg.backend.gemm(a, weight.input_side(), x.dtype), (x_columns, weight)
 
 
 def _matmul_bwd(cfg, residuals, dy):
-    x, weight = residuals
+    x_columns, weight = residuals
     backend, recipe = cfg.backend, cfg.recipe
-    fwd, grad, pow2 = recipe.forward_dtype, recipe.gradient_dtype, recipe.power_of_two_scales
-    dx = backend.gemm(backend.rows(dy, grad, pow2), weight.output_side(), x.dtype)
-    dw = backend.gemm(backend.columns(x, fwd, pow2), backend.columns(dy, grad, pow2), cfg.weight_dtype)
+    dy_rows, dy_columns = backend.rows_and_columns(dy, recipe.gradient_dtype, recipe.power_of_two_scales)
+    dx = backend.gemm(dy_rows, weight.output_side(), dy.dtype)  # dy has y's dtype, which is x's
+    dw = backend.gemm(x_columns, dy_columns, cfg.weight_dtype)
     return dx, dw
 
 

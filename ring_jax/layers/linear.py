@@ -17,7 +17,7 @@ DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
 
 # Ring-mini-shaped training step on one H200 (BENCHMARKS.md, 2026-12-01): FP8 route -> speed as a fraction of bf16's.
 # Routes not listed are not measured at least as fast as bf16.
-_GPU_STEP_SPEED = {"pallas_mosaic_gpu": 1.27}
+_GPU_STEP_SPEED = {"pallas_mosaic_gpu": 1.26}
 
 
 def fp8_implementation(fp8: str) -> str | None:

@@ -89,6 +89,17 @@ def test_dense_kernels_match_the_emulated_recipe(fused, dtype, recipe, config, s
     _assert_close(got, want, 1e-5 if dtype == jnp.float32 else 1e-2, ("y", "dx", "dw"), seed)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_alone_equals_the_differentiated_forward(fused, seed):
+    """Undifferentiated, the op quantises x by rows only; differentiated, by rows and columns in one pass (keeping
+    the columns for dw): y must be the same bits either way."""
+    x, w, _ = _dense_inputs(seed, jnp.bfloat16)
+    cfg = OpConfig(TritonBackend(fuse_quantization=fused, interpret=True, config=SMALL), Fp8Recipe(), w.dtype)
+    alone = jax.jit(lambda x, w: fp8_matmul(x, w, cfg))(x, w)
+    differentiated = jax.jit(lambda x, w: jax.vjp(lambda x, w: fp8_matmul(x, w, cfg), x, w)[0])(x, w)
+    np.testing.assert_array_equal(np.asarray(alone, np.float32), np.asarray(differentiated, np.float32))
+
+
 @pytest.mark.parametrize("fused, config", [(False, SMALL), (True, PAIRED)])
 def test_grouped_kernels_match_the_emulated_recipe(fused, config, seed):
     """Empty groups, groups across tile boundaries (drhs: groups of 1 and 2 column tiles), and 20 padding rows

@@ -1,6 +1,7 @@
 """The Triton quantisation kernels (pallas_triton_quantize.py, interpret mode on CPU) against the XLA quantisers of
-reference.py, value for value and scale for scale: rows, columns (x^T) and tiles side by side (the grouped weight
-gradient's operands), on odd shapes with edge tiles, all-zero tiles, both formats and power-of-two scales."""
+reference.py, value for value and scale for scale: rows, columns (x^T), both from one pass, and tiles side by side
+(the grouped weight gradient's operands), on odd shapes with edge tiles, all-zero tiles, both formats and
+power-of-two scales."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +48,9 @@ def test_row_and_column_quantisers_match_xla(fmt, power_of_two, dtype, seed):
     _assert_same(got, reference.quantize_rows(x, fmt, power_of_two), seed)
     got = kernels.quantize_columns(x, fmt, power_of_two, interpret=True)
     _assert_same(got, reference.quantize_columns(x, fmt, power_of_two), seed)
+    rows, columns = kernels.quantize_rows_and_columns(x, fmt, power_of_two, interpret=True)
+    _assert_same(rows, reference.quantize_rows(x, fmt, power_of_two), seed)
+    _assert_same(columns, reference.quantize_columns(x, fmt, power_of_two), seed)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
